@@ -1,0 +1,217 @@
+"""The decoder-only Transformer, both families in one plain single-device `nn.Module`.
+
+Module names follow the torchtitan spelling (`tok_embeddings`, `layers.N.attention.wq`,
+`layers.N.feed_forward.w1`, `norm`, `output`) so parallel plans and checkpoint maps can address
+them by fully-qualified name. Nothing here knows about files, processes or the command line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmscale.model.config import ModelConfig
+from lmscale.model.kv_cache import KVCache, LayerCache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # NOTE: normalise in fp32 like the reference implementations, then cast back.
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    if config.family == "gpt2":
+        return nn.LayerNorm(config.dim, eps=config.norm_eps, bias=config.bias)
+    return RMSNorm(config.dim, config.norm_eps)
+
+
+def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
+    """cos and sin of every position and frequency, each (max_seq_len, head_dim/2), fp32."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = torch.outer(torch.arange(config.max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, T, H, hs) by the angles of its positions; cos and sin are (T, hs/2).
+
+    The "half-split" convention: dimension i pairs with i + hs/2 (as in Hugging Face Llama).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hs/2)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads.
+
+    Grouped-query attention: n_heads query heads share n_kv_heads key/value heads.
+
+        q heads:  q0 q1 q2 | q3 q4 q5      (n_heads = 6)
+                   \\ | /      \\ | /
+        kv heads:    kv0   |    kv1       (n_kv_heads = 2, each serves 3 query heads)
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.n_rep = config.n_heads // config.n_kv_heads
+        kv_dim = config.n_kv_heads * config.head_dim
+        self.wq = nn.Linear(config.dim, config.dim, bias=config.bias)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=config.bias)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=config.bias)
+        self.wo = nn.Linear(config.dim, config.dim, bias=config.bias)
+        self.dropout = config.dropout
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None) -> Tensor:
+        B, T, _ = x.shape
+        # NOTE: -1 heads, not n_heads, so tensor parallel can shard heads without touching this code.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hs)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hs)
+        mask, is_causal = None, T > 1
+        if cache is not None:
+            k, v, mask = cache.update(k, v)  # k, v: (B, nkv, S, hs) with S = cached + T
+            is_causal = False
+        if self.n_rep > 1:
+            k = k.repeat_interleave(self.n_rep, dim=1)
+            v = v.repeat_interleave(self.n_rep, dim=1)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+        )  # fmt: skip
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
+        return self.wo(y)
+
+
+class GeluMLP(nn.Module):
+    """GPT-2's MLP: up-projection, tanh-approximated GELU, down-projection."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)  # gate
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=config.bias)  # down
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=config.bias)  # up
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attention_norm = make_norm(config)
+        self.attention = Attention(config)
+        self.ffn_norm = make_norm(config)
+        self.feed_forward = GeluMLP(config) if config.family == "gpt2" else SwiGLU(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.dropout(self.attention(self.attention_norm(x), rope, cache))
+        return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
+
+
+class Transformer(nn.Module):
+    """A decoder-only language model: token ids (B, T) in, next-token logits (B, T, vocab) out."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        if config.family == "gpt2":
+            self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
+        else:
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = make_norm(config)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.config.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+        if self.config.family != "gpt2":  # meta-device init leaves the RoPE tables empty
+            self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in rope_tables(self.config))
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Logits for every position.
+
+        Args:
+            tokens: (B, T) token ids. With a `cache`, they continue the cached sequence.
+            cache: a KV cache to read and extend (incremental decoding); None for a plain pass.
+
+        Returns:
+            (B, T, vocab_size) logits.
+        """
+        return self.output(self.hidden_states(tokens, cache))
+
+    def hidden_states(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+        """The final normalised hidden states (B, T, dim), before the output projection."""
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        if start + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        h = self.tok_embeddings(tokens)  # (B, T, dim)
+        rope = None
+        if self.config.family == "gpt2":
+            h = h + self.pos_embeddings(torch.arange(start, start + T, device=tokens.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        h = self.dropout(h)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.advance(T)
+        return self.norm(h)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty KV cache on this model's device and dtype."""
+        param = self.tok_embeddings.weight
+        return KVCache(
+            self.config.n_layers, batch_size, self.config.n_kv_heads, self.config.head_dim,
+            max_len or self.config.max_seq_len, dtype=param.dtype, device=param.device,
+        )  # fmt: skip
