@@ -1,0 +1,239 @@
+"""The `lmscale` command: a table from verb to a thin function that calls the library.
+
+A user's mistake (missing file, unknown preset, bad value) prints one line and exits 2.
+Heavy modules are imported inside each verb, so `lmscale --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from lmscale.errors import LmscaleError
+
+EXIT_USER_ERROR = 2
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line (argparse itself prints the usage first)."""
+
+    def error(self, message: str):
+        raise LmscaleError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if not getattr(args, "accepts_overrides", False) and extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.run(args, extra) or 0
+    except LmscaleError as error:
+        print(f"lmscale: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("lmscale: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="lmscale", description="Train, evaluate and run Transformer language models.")
+    verbs = parser.add_subparsers(title="verbs", metavar="VERB", required=True)
+    for name, (add_args, run, help_text) in VERBS.items():
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        add_args(sub)
+        sub.set_defaults(run=run)
+    return parser
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+
+def prepare_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", required=True, help="'shakespeare', a text file, a folder of text files, or JSONL with a 'text' field")
+    p.add_argument("--out", required=True, help="folder to write shards, tokenizer.json and manifest.json into")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
+    p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
+
+
+def prepare(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.data import prepare as prepare_corpus
+
+    start = time.perf_counter()
+    manifest = prepare_corpus(args.corpus, args.out, args.vocab_size, args.val_fraction, args.seed)
+    summary = {"out": args.out, "vocab_size": manifest.vocab_size, "dtype": manifest.dtype}
+    summary |= {f"{split}_tokens": manifest.split_tokens(split) for split in ("train", "val")}
+    if args.json:
+        print(json.dumps(summary))
+        return
+    print(
+        f"prepared {args.corpus} in {time.perf_counter() - start:.1f}s: "
+        f"{summary['train_tokens']:,} train and {summary['val_tokens']:,} val tokens "
+        f"({manifest.dtype}, vocab {manifest.vocab_size}) -> {args.out}"
+    )
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML run config (configs/NAME.toml); optional with --resume")
+    p.add_argument("--out", help="run directory (default runs/CONFIG-DATE-TIME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--sample-tokens", type=int, default=120, help="tokens of the sample printed at the end (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.epilog = "Any config field can be overridden: --model.dim 256 --train.max_steps 100 --data.path DIR"
+    p.set_defaults(accepts_overrides=True)
+
+
+def train(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmscale.train import load_run_config, resume_config
+    from lmscale.train import train as run_training
+
+    if args.resume and not args.out:
+        raise LmscaleError("--resume needs --out RUN_DIR")
+    if args.resume and not args.config:
+        config = resume_config(args.out, overrides)
+    elif args.config:
+        config = load_run_config(args.config, overrides)
+    else:
+        raise LmscaleError("--config is required (or --resume --out RUN_DIR)")
+    out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    summary = run_training(config, out, resume=args.resume, progress=not args.no_progress and not args.json)
+    result = summary.as_dict()
+    sample = _sample_from(summary.checkpoint, args.sample_tokens) if summary.checkpoint else ""
+    if args.json:
+        print(json.dumps(result | {"sample": sample}))
+        return
+    print(f"run: {summary.run_dir} ({summary.steps} steps, {summary.tokens_per_s:,.0f} tokens/s median)")
+    if summary.val and summary.unigram:
+        print(f"val loss {summary.val.loss:.4f} | val perplexity {summary.val.perplexity:.2f}")
+        print(f"unigram val loss {summary.unigram.loss:.4f} | unigram val perplexity {summary.unigram.perplexity:.2f}")
+    if summary.checkpoint:
+        print(f"checkpoint: {summary.checkpoint}")
+    if sample:
+        print("sample:\n" + sample)
+
+
+def _sample_from(checkpoint: Path, n_tokens: int) -> str:
+    """A short sample started from a document boundary, as a first look at what was learnt."""
+    if n_tokens <= 0:
+        return ""
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.engine import SamplingParams, generate_ids
+
+    model, tokenizer = load_pretrained(str(checkpoint))
+    params = SamplingParams(temperature=0.8, top_k=50, max_new_tokens=n_tokens, seed=0)
+    ids = list(generate_ids(model, [tokenizer.eos_id], params, stop_ids=[tokenizer.eos_id]))
+    return tokenizer.decode(ids)
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run directory or checkpoint directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a prepared data folder (see `lmscale prepare`)")
+    source.add_argument("--text", help="a text file, tokenized with the model's tokenizer")
+    p.add_argument("--split", default="val", help="split of --data to score (default val)")
+    p.add_argument("--context", type=int, default=1024, help="window length in tokens (capped at the model's maximum)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.epilog = (
+        "Definition: the text is tokenized once and cut into non-overlapping windows of --context "
+        "tokens; every token of a window but its first is scored; perplexity = exp(mean NLL)."
+    )
+
+
+def evaluate(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.train.evaluate import evaluate as evaluate_tokens
+    from lmscale.train.precision import resolve_device
+
+    if args.context < 2 or args.batch_size < 1:
+        raise LmscaleError("--context must be at least 2 and --batch-size at least 1")
+    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    tokens = _eval_tokens(args, tokenizer)
+    context = min(args.context, model.config.max_seq_len)
+    result = evaluate_tokens(model, tokens, context, args.batch_size)
+    if args.json:
+        print(json.dumps(result.as_dict() | {"context": context}))
+        return
+    print(f"scored tokens: {result.tokens:,} (windows of {context})")
+    print(f"loss: {result.loss:.6f}")
+    print(f"perplexity: {result.perplexity:.4f}")
+
+
+def _eval_tokens(args: argparse.Namespace, tokenizer):
+    import numpy as np
+
+    from lmscale.data import TokenDataset
+
+    if args.text:
+        path = Path(args.text)
+        if not path.is_file():
+            raise LmscaleError(f"text file not found: {path}")
+        return np.asarray(tokenizer.encode(path.read_text()), dtype=np.int64)
+    dataset = TokenDataset(args.data, args.split)
+    if Path(dataset.tokenizer_path).read_text() != tokenizer.to_json():
+        raise LmscaleError(f"{args.data} was tokenized with another tokenizer than the model's")
+    return dataset.tokens
+
+
+# --- generate --------------------------------------------------------------------------------
+
+
+def generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+
+def generate(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.engine import SamplingParams, generate_ids, stream_text
+    from lmscale.train.precision import resolve_device
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
+    )  # fmt: skip
+    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    ids = generate_ids(model, tokenizer.encode(args.prompt), params, stop_ids=[tokenizer.eos_id])
+    pieces = stream_text(ids, tokenizer.decode, params.stop or ())
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "text": "".join(pieces)}))
+        return
+    sys.stdout.write(args.prompt)
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+Verb = tuple[Callable[[argparse.ArgumentParser], None], Callable, str]
+VERBS: dict[str, Verb] = {
+    "prepare": (prepare_args, prepare, "tokenize a corpus into shards with a manifest"),
+    "train": (train_args, train, "train a model from a TOML config"),
+    "eval": (eval_args, evaluate, "loss and perplexity of a model on data or a text file"),
+    "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

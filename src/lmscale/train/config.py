@@ -1,0 +1,127 @@
+"""The run configuration: one object with sections `model`, `data` and `train`.
+
+Loaded from a TOML file in `configs/`, with any field overridable as `--section.field value`,
+and saved whole into the run directory as `config.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from lmscale.config import from_dict, parse_overrides, read_toml, to_dict, to_toml
+from lmscale.errors import LmscaleError
+from lmscale.model import PRESETS, ModelConfig
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    path: str = "data/shakespeare"
+    """A folder written by `lmscale prepare` (manifest.json, shards, tokenizer.json)."""
+    seed: int = 0
+    """Seed of the loader's window order (independent of the model's initialisation)."""
+
+
+@dataclass
+class TrainConfig:
+    """How to train."""
+
+    seed: int = 1337
+    """Seed of the weight initialisation and of dropout."""
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    batch_size: int = 16
+    """Sequences per micro-batch."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step."""
+    context: int | None = None
+    """Tokens per training sequence; None means the model's max_seq_len."""
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    """adamw (fused where available) or sgd (with momentum)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr * min_lr_ratio."""
+    warmup_steps: int = 100
+    """Steps of linear warm-up."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (not on biases or norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.9
+    """SGD momentum."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Compute precision: float32, or autocast to bfloat16 (CPU, CUDA) or float16 (CUDA)."""
+    device: str = "auto"
+    """auto (CUDA when present, else CPU), cpu, cuda, or cuda:N."""
+    compile: bool = False
+    """torch.compile the model."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    log_interval: int = 10
+    """Write a metrics line every this many steps."""
+    eval_interval: int = 100
+    """Evaluate on the validation split every this many steps (and at the end); 0 disables."""
+    eval_max_tokens: int | None = None
+    """Score at most this many validation tokens per evaluation; None scores the whole split."""
+    checkpoint_interval: int = 500
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 3
+    """How many of the newest checkpoints to keep."""
+
+    def __post_init__(self) -> None:
+        positive = ("max_steps", "batch_size", "grad_accum_steps", "log_interval", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise LmscaleError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise LmscaleError(f"train.lr must be positive, got {self.lr}")
+        if self.context is not None and self.context < 2:
+            raise LmscaleError(f"train.context must be at least 2, got {self.context}")
+        for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise LmscaleError(f"train.{name} must not be negative, got {getattr(self, name)}")
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as the run directory's config.toml."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_toml(self) -> str:
+        return to_toml({f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a TOML run config and apply `--section.field value` overrides.
+
+    The `[model]` table may name a preset (`preset = "shakespeare-10m"`); its other keys replace
+    the preset's fields.
+    """
+    tables = read_toml(path) if path is not None else {}
+    for section, values in parse_overrides(overrides or []).items():
+        tables.setdefault(section, {}).update(values)
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    for section in tables:
+        if section not in known:
+            raise LmscaleError(f"unknown config section '{section}' (known: {', '.join(sorted(known))})")
+    tables["model"] = _expand_preset(dict(tables.get("model", {})))
+    return from_dict(RunConfig, tables)
+
+
+def _expand_preset(model: dict[str, Any]) -> dict[str, Any]:
+    name = model.pop("preset", None)
+    if name is None:
+        return model
+    if name not in PRESETS:
+        raise LmscaleError(f"unknown model preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name] | model
