@@ -77,9 +77,7 @@ def read_text(path: Path) -> str:
         raise LmscaleError(f"cannot read {path}: {err}") from None
 
 
-def _iter_folder(
-    folder: Path, suffixes: tuple[str, ...], keep_suffix: bool
-) -> Iterator[Document]:
+def _iter_folder(folder: Path, suffixes: tuple[str, ...], keep_suffix: bool) -> Iterator[Document]:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
     if not files:
         raise LmscaleError(f"corpus folder {folder} has no {'/'.join(suffixes)} files")
