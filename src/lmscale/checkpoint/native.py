@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -82,8 +81,12 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     tmp = directory / f"{_TMP_PREFIX}{name}-{os.getpid()}"
     tmp.mkdir()
-    _write_contents(tmp, step, model_state, config, tokenizer_json, train_state)
-    _fsync_dir(tmp)
+    try:
+        _write_contents(tmp, step, model_state, config, tokenizer_json, train_state)
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # e.g. a config that is not JSON-able
+        raise
     final = directory / name
     old = _move_aside(final, _OLD_PREFIX) if final.exists() else None
     os.replace(tmp, final)
@@ -214,7 +217,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         aliases = json.loads(metadata.get(_ALIASES_KEY, "{}"))
         for alias, name in aliases.items():
             tensors[alias] = tensors[name]

@@ -79,7 +79,9 @@ def _flatten(obj: Any, path: str, tensors: dict[str, Tensor]) -> Any:
     if isinstance(obj, list):
         return [_flatten(item, _join(path, i), tensors) for i, item in enumerate(obj)]
     if isinstance(obj, tuple):
-        return {"__tuple__": [_flatten(item, _join(path, i), tensors) for i, item in enumerate(obj)]}
+        return {
+            "__tuple__": [_flatten(item, _join(path, i), tensors) for i, item in enumerate(obj)]
+        }
     if isinstance(obj, dict):
         return _flatten_dict(obj, path, tensors)
     raise TypeError(f"cannot store {type(obj).__name__} at '{path or '<root>'}' in a checkpoint")
