@@ -1,0 +1,75 @@
+"""Build a ready-to-run `Transformer` from a native checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lmscale.checkpoint.native import Checkpoint, load_checkpoint
+from lmscale.errors import LmscaleError
+from lmscale.model import ModelConfig, Transformer
+
+
+def load_model(
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> tuple[Transformer, Checkpoint]:
+    """Load a checkpoint's model, weights checked strictly, in eval mode.
+
+    Args:
+        source: a checkpoint, run or checkpoints directory (see `resolve_checkpoint`).
+        device: where the model goes.
+        dtype: a floating dtype (or its name, e.g. "bfloat16") to cast to; None keeps the saved one.
+
+    Returns:
+        (model, checkpoint); the checkpoint is loaded without its train state.
+    """
+    checkpoint = load_checkpoint(source, with_train_state=False)
+    model = Transformer(_model_config(checkpoint))
+    _check_state(model, checkpoint.model_state, checkpoint.path)
+    model.load_state_dict(checkpoint.model_state, strict=True)
+    model.to(device=device, dtype=_dtype(dtype))
+    return model.eval(), checkpoint
+
+
+def _model_config(checkpoint: Checkpoint) -> ModelConfig:
+    """The `ModelConfig` saved under "model" in config.json."""
+    fields = checkpoint.config.get("model")
+    config_file = checkpoint.path / "config.json"
+    if not isinstance(fields, dict):
+        raise LmscaleError(f"{config_file} has no 'model' section")
+    try:
+        return ModelConfig(**fields)
+    except TypeError as error:
+        raise LmscaleError(f"bad 'model' section in {config_file}: {error}") from None
+
+
+def _check_state(model: Transformer, state: dict[str, Tensor], path: Path) -> None:
+    """Raise LmscaleError unless `state` has exactly the model's keys and shapes."""
+    expected = model.state_dict()
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise LmscaleError(
+            f"weights in {path / 'model.safetensors'} do not fit the model: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+    for name, tensor in expected.items():
+        if state[name].shape != tensor.shape:
+            raise LmscaleError(
+                f"weight '{name}' in {path / 'model.safetensors'} has shape "
+                f"{tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}"
+            )
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """Accept a torch dtype or its name."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise LmscaleError(f"unknown floating dtype '{dtype}'")
+    return resolved
