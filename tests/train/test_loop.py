@@ -84,14 +84,15 @@ def test_gradient_accumulation_equals_one_big_batch(shakespeare_dir, tmp_path):
         cfg = tiny_config(
             shakespeare_dir, "--train.batch_size", str(8 // accum),
             "--train.grad_accum_steps", str(accum), "--train.optimizer", "sgd",
-            "--train.grad_clip", "0", "--train.warmup_steps", "0",
+            "--train.grad_clip", "0", "--train.warmup_steps", "0", "--train.lr", "1",
+            "--train.weight_decay", "0",
         )  # fmt: skip
         run = setup(cfg, tmp_path / f"accum{accum}", resume=False)
         run.loader = FixedBatches(zip(inputs.split(8 // accum), targets.split(8 // accum)))
         before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
         train_step(run)
-        lr = run.optimizer.param_groups[0]["lr"]
-        grads[accum] = {n: (before[n] - p.detach()) / lr for n, p in run.model.named_parameters()}
+        # One SGD step at lr 1 moves each weight by exactly its gradient.
+        grads[accum] = {n: before[n] - p.detach() for n, p in run.model.named_parameters()}
     for name in grads[1]:
         assert torch.allclose(grads[4][name], grads[1][name], rtol=0, atol=1e-6), name
 

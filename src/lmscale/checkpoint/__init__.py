@@ -11,6 +11,7 @@ from lmscale.checkpoint.native import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from lmscale.checkpoint.sources import load_pretrained
 from lmscale.checkpoint.state import flatten_state, unflatten_state
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model",
+    "load_pretrained",
     "resolve_checkpoint",
     "save_checkpoint",
     "unflatten_state",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lmscale.checkpoint.native import load_model
+from lmscale.checkpoint.load import load_model
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
 from lmscale.tokenizer import Tokenizer

@@ -68,7 +68,7 @@ def prepare(args: argparse.Namespace, _: list[str]) -> None:
     start = time.perf_counter()
     manifest = prepare_corpus(args.corpus, args.out, args.vocab_size, args.val_fraction, args.seed)
     summary = {"out": args.out, "vocab_size": manifest.vocab_size, "dtype": manifest.dtype}
-    summary |= {f"{split}_tokens": manifest.split_tokens(split) for split in ("train", "val")}
+    summary |= {f"{name}_tokens": split.tokens for name, split in manifest.splits.items()}
     if args.json:
         print(json.dumps(summary))
         return
