@@ -44,7 +44,9 @@ def test_model_code_is_pure():
     for path in (SRC / "model").rglob("*.py"):
         for module in imported_modules(path):
             assert not module.startswith("torch.distributed"), f"{path.name} imports {module}"
-            assert module not in ("argparse", "safetensors", "json"), f"{path.name} imports {module}"
+            assert module not in ("argparse", "safetensors", "json"), (
+                f"{path.name} imports {module}"
+            )
 
 
 def test_transformers_is_never_a_runtime_dependency():

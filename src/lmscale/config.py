@@ -78,7 +78,9 @@ def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or "." not in arg:
-            raise LmscaleError(f"unexpected argument '{arg}' (overrides look like --section.field VALUE)")
+            raise LmscaleError(
+                f"unexpected argument '{arg}' (overrides look like --section.field VALUE)"
+            )
         if "=" in arg:
             key, value = arg[2:].split("=", 1)
             i += 1
@@ -107,7 +109,9 @@ def _coerce(value: Any, tp: Any, option: str) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            raise LmscaleError(f"option '{option}' must be one of {', '.join(map(str, choices))}, got '{value}'")
+            raise LmscaleError(
+                f"option '{option}' must be one of {', '.join(map(str, choices))}, got '{value}'"
+            )
         return value
     if origin in (list, tuple):
         (item,) = typing.get_args(tp)[:1]

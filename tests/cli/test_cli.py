@@ -32,7 +32,10 @@ def test_help_lists_every_verb():
     [
         (["prepare", "--corpus", "no/such/file.txt", "--out", "x"], "no/such/file.txt"),
         (["train", "--config", "configs/nope.toml"], "configs/nope.toml"),
-        (["train", "--config", "configs/tiny.toml", "--model.preset", "huge"], "unknown model preset"),
+        (
+            ["train", "--config", "configs/tiny.toml", "--model.preset", "huge"],
+            "unknown model preset",
+        ),
         (["train", "--config", "configs/tiny.toml", "--train.lr", "fast"], "train.lr"),
         (["eval", "--model", "no/such/run", "--text", "README.md"], "no/such/run"),
         (["generate", "--model", "no/such/run", "--prompt", "hi", "--top-p", "2"], "top-p"),
@@ -51,7 +54,9 @@ def test_user_mistakes_print_one_line_and_exit_2(args, message):
 def test_prepare_train_eval_generate(tmp_path):
     data, run = tmp_path / "data", tmp_path / "run"
     prepared = json.loads(
-        lmscale("prepare", "--corpus", "shakespeare", "--out", data, "--vocab-size", 400, "--json").stdout
+        lmscale(
+            "prepare", "--corpus", "shakespeare", "--out", data, "--vocab-size", 400, "--json"
+        ).stdout
     )
     assert prepared["train_tokens"] > prepared["val_tokens"] > 0
     trained = lmscale(
@@ -64,13 +69,25 @@ def test_prepare_train_eval_generate(tmp_path):
     # The plain output ends with the eval's two documented lines.
     lines = lmscale("eval", "--model", run, "--data", data, "--context", 64).stdout.splitlines()
     assert lines[-2].startswith("loss: ") and lines[-1].startswith("perplexity: ")
-    as_json = json.loads(lmscale("eval", "--model", run, "--data", data, "--context", 64, "--json").stdout)
+    as_json = json.loads(
+        lmscale("eval", "--model", run, "--data", data, "--context", 64, "--json").stdout
+    )
     assert abs(as_json["loss"] - float(lines[-2].split()[1])) < 1e-5
     play = tmp_path / "play.txt"
     play.write_text("To be, or not to be, that is the question.\n" * 20)
     assert "perplexity: " in lmscale("eval", "--model", run, "--text", play).stdout
     greedy = [
-        lmscale("generate", "--model", run, "--prompt", "ROMEO", "--temperature", 0, "--max-new-tokens", 8).stdout
+        lmscale(
+            "generate",
+            "--model",
+            run,
+            "--prompt",
+            "ROMEO",
+            "--temperature",
+            0,
+            "--max-new-tokens",
+            8,
+        ).stdout
         for _ in range(2)
     ]
     assert greedy[0] == greedy[1] and greedy[0].startswith("ROMEO")

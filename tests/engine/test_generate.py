@@ -31,7 +31,9 @@ def test_top_k_samples_only_among_the_k_best():
     logits = torch.randn(1, 100)
     best = set(logits[0].topk(5).indices.tolist())
     gen = torch.Generator().manual_seed(0)
-    draws = {int(sample_next(logits, SamplingParams(temperature=2.0, top_k=5), gen)) for _ in range(200)}
+    draws = {
+        int(sample_next(logits, SamplingParams(temperature=2.0, top_k=5), gen)) for _ in range(200)
+    }
     assert draws <= best and len(draws) > 1
 
 

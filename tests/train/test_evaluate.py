@@ -11,7 +11,12 @@ from lmscale.train.evaluate import evaluate, unigram_loss, windows
 def test_windows_are_non_overlapping_and_keep_a_scorable_tail():
     tokens = np.arange(10)
     assert [w.tolist() for w in windows(tokens, 4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert [w.tolist() for w in windows(np.arange(9), 4)][-1] == [4, 5, 6, 7]  # a 1-token tail scores nothing
+    assert [w.tolist() for w in windows(np.arange(9), 4)][-1] == [
+        4,
+        5,
+        6,
+        7,
+    ]  # a 1-token tail scores nothing
 
 
 def test_evaluate_matches_the_definition():

@@ -19,7 +19,9 @@ def tiny_config(data_dir, *overrides):
 
 
 def test_loss_falls_on_tiny(shakespeare_dir, tmp_path):
-    summary = train(tiny_config(shakespeare_dir, "--train.max_steps", "40"), tmp_path / "run", progress=False)
+    summary = train(
+        tiny_config(shakespeare_dir, "--train.max_steps", "40"), tmp_path / "run", progress=False
+    )
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert len(losses) == 40
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5
@@ -37,7 +39,9 @@ def test_run_directory_holds_config_metrics_events_and_checkpoints(shakespeare_d
     assert load_run_config(run / "config.toml").train.max_steps == 10
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     (ckpt,) = list_checkpoints(run / "checkpoints")
-    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {p.name for p in ckpt.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= {
+        p.name for p in ckpt.iterdir()
+    }
 
 
 def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(shakespeare_dir, tmp_path):
@@ -59,7 +63,9 @@ def test_resume_reaches_the_same_weights_as_an_uninterrupted_run(shakespeare_dir
 def test_a_new_run_never_overwrites_saved_checkpoints(shakespeare_dir, tmp_path):
     train(tiny_config(shakespeare_dir, "--train.max_steps", "2"), tmp_path / "run", progress=False)
     with pytest.raises(LmscaleError, match="--resume"):
-        train(tiny_config(shakespeare_dir, "--train.max_steps", "2"), tmp_path / "run", progress=False)
+        train(
+            tiny_config(shakespeare_dir, "--train.max_steps", "2"), tmp_path / "run", progress=False
+        )
 
 
 class FixedBatches:
@@ -88,7 +94,9 @@ def test_gradient_accumulation_equals_one_big_batch(shakespeare_dir, tmp_path):
             "--train.weight_decay", "0",
         )  # fmt: skip
         run = setup(cfg, tmp_path / f"accum{accum}", resume=False)
-        run.loader = FixedBatches(zip(inputs.split(8 // accum), targets.split(8 // accum)))
+        run.loader = FixedBatches(
+            zip(inputs.split(8 // accum), targets.split(8 // accum), strict=True)
+        )
         before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
         train_step(run)
         # One SGD step at lr 1 moves each weight by exactly its gradient.

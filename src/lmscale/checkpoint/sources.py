@@ -12,7 +12,9 @@ from lmscale.model import Transformer
 from lmscale.tokenizer import Tokenizer
 
 
-def load_pretrained(source: str, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
+def load_pretrained(
+    source: str, device: str | torch.device = "cpu"
+) -> tuple[Transformer, Tokenizer]:
     """A model and its tokenizer from a run directory or a checkpoint directory.
 
     Args:

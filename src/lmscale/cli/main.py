@@ -41,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="lmscale", description="Train, evaluate and run Transformer language models.")
+    parser = Parser(
+        prog="lmscale", description="Train, evaluate and run Transformer language models."
+    )
     verbs = parser.add_subparsers(title="verbs", metavar="VERB", required=True)
     for name, (add_args, run, help_text) in VERBS.items():
         sub = verbs.add_parser(name, help=help_text, description=help_text)
@@ -54,10 +56,20 @@ def build_parser() -> Parser:
 
 
 def prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", required=True, help="'shakespeare', a text file, a folder of text files, or JSONL with a 'text' field")
-    p.add_argument("--out", required=True, help="folder to write shards, tokenizer.json and manifest.json into")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents held out for validation")
+    p.add_argument(
+        "--corpus",
+        required=True,
+        help="'shakespeare', a text file, a folder of text files, or JSONL with a 'text' field",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write shards, tokenizer.json and manifest.json into"
+    )
+    p.add_argument(
+        "--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)"
+    )
+    p.add_argument(
+        "--val-fraction", type=float, default=0.1, help="share of documents held out for validation"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the train/val split")
     p.add_argument("--json", action="store_true", help="print the manifest summary as JSON")
 
@@ -85,11 +97,20 @@ def prepare(args: argparse.Namespace, _: list[str]) -> None:
 def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML run config (configs/NAME.toml); optional with --resume")
     p.add_argument("--out", help="run directory (default runs/CONFIG-DATE-TIME)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--sample-tokens", type=int, default=120, help="tokens of the sample printed at the end (0: none)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run in --out from its latest checkpoint"
+    )
+    p.add_argument(
+        "--sample-tokens",
+        type=int,
+        default=120,
+        help="tokens of the sample printed at the end (0: none)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    p.epilog = "Any config field can be overridden: --model.dim 256 --train.max_steps 100 --data.path DIR"
+    p.epilog = (
+        "Any config field can be overridden: --model.dim 256 --train.max_steps 100 --data.path DIR"
+    )
     p.set_defaults(accepts_overrides=True)
 
 
@@ -106,16 +127,22 @@ def train(args: argparse.Namespace, overrides: list[str]) -> None:
     else:
         raise LmscaleError("--config is required (or --resume --out RUN_DIR)")
     out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = run_training(config, out, resume=args.resume, progress=not args.no_progress and not args.json)
+    summary = run_training(
+        config, out, resume=args.resume, progress=not args.no_progress and not args.json
+    )
     result = summary.as_dict()
     sample = _sample_from(summary.checkpoint, args.sample_tokens) if summary.checkpoint else ""
     if args.json:
         print(json.dumps(result | {"sample": sample}))
         return
-    print(f"run: {summary.run_dir} ({summary.steps} steps, {summary.tokens_per_s:,.0f} tokens/s median)")
+    print(
+        f"run: {summary.run_dir} ({summary.steps} steps, {summary.tokens_per_s:,.0f} tokens/s median)"
+    )
     if summary.val and summary.unigram:
         print(f"val loss {summary.val.loss:.4f} | val perplexity {summary.val.perplexity:.2f}")
-        print(f"unigram val loss {summary.unigram.loss:.4f} | unigram val perplexity {summary.unigram.perplexity:.2f}")
+        print(
+            f"unigram val loss {summary.unigram.loss:.4f} | unigram val perplexity {summary.unigram.perplexity:.2f}"
+        )
     if summary.checkpoint:
         print(f"checkpoint: {summary.checkpoint}")
     if sample:
@@ -144,7 +171,12 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="a prepared data folder (see `lmscale prepare`)")
     source.add_argument("--text", help="a text file, tokenized with the model's tokenizer")
     p.add_argument("--split", default="val", help="split of --data to score (default val)")
-    p.add_argument("--context", type=int, default=1024, help="window length in tokens (capped at the model's maximum)")
+    p.add_argument(
+        "--context",
+        type=int,
+        default=1024,
+        help="window length in tokens (capped at the model's maximum)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object")

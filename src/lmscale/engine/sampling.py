@@ -38,7 +38,9 @@ class SamplingParams:
             raise LmscaleError(f"max-new-tokens must not be negative, got {self.max_new_tokens}")
 
 
-def sample_next(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None) -> Tensor:
+def sample_next(
+    logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None
+) -> Tensor:
     """Next token ids (B,) from last-position logits (B, vocab)."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)

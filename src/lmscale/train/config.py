@@ -76,7 +76,13 @@ class TrainConfig:
     """How many of the newest checkpoints to keep."""
 
     def __post_init__(self) -> None:
-        positive = ("max_steps", "batch_size", "grad_accum_steps", "log_interval", "keep_checkpoints")
+        positive = (
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "log_interval",
+            "keep_checkpoints",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise LmscaleError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -113,7 +119,9 @@ def load_run_config(path: str | Path | None, overrides: list[str] | None = None)
     known = {f.name for f in dataclasses.fields(RunConfig)}
     for section in tables:
         if section not in known:
-            raise LmscaleError(f"unknown config section '{section}' (known: {', '.join(sorted(known))})")
+            raise LmscaleError(
+                f"unknown config section '{section}' (known: {', '.join(sorted(known))})"
+            )
     tables["model"] = _expand_preset(dict(tables.get("model", {})))
     return from_dict(RunConfig, tables)
 

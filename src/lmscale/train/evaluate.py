@@ -66,7 +66,9 @@ def evaluate(
             batch = torch.from_numpy(np.stack(full).astype(np.int64)).to(device)
             with autocast or contextlib.nullcontext():
                 logits = model(batch[:, :-1])
-            nll = F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum")
+            nll = F.cross_entropy(
+                logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+            )
             total += nll.item()
             count += batch[:, 1:].numel()
     finally:

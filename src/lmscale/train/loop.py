@@ -56,7 +56,10 @@ class TrainSummary:
         if self.val:
             out |= {"val_loss": self.val.loss, "val_ppl": self.val.perplexity}
         if self.unigram:
-            out |= {"unigram_val_loss": self.unigram.loss, "unigram_val_ppl": self.unigram.perplexity}
+            out |= {
+                "unigram_val_loss": self.unigram.loss,
+                "unigram_val_ppl": self.unigram.perplexity,
+            }
         return out
 
 
@@ -90,14 +93,20 @@ def train(
     cfg = run.config.train
     unigram = _unigram_baseline(run)
     if unigram and progress:
-        tqdm.write(f"unigram baseline: val loss {unigram.loss:.4f} | val ppl {unigram.perplexity:.2f}")
-    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
+        tqdm.write(
+            f"unigram baseline: val loss {unigram.loss:.4f} | val ppl {unigram.perplexity:.2f}"
+        )
+    bar = tqdm(
+        total=cfg.max_steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True
+    )
     val, ckpt, loss = None, None, math.nan
     try:
         while run.step < cfg.max_steps:
             loss = train_step(run)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{_tokens_per_step(run) / run.step_times[-1]:,.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{_tokens_per_step(run) / run.step_times[-1]:,.0f}"
+            )
             _log_step(run, metrics, loss)
             last = run.step == cfg.max_steps
             if cfg.eval_interval and run.val_data and (run.step % cfg.eval_interval == 0 or last):
@@ -117,7 +126,9 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     """Build data, model, optimizer and loader; restore them from the latest checkpoint if resuming."""
     ckpt_path = latest_checkpoint(run_dir / CHECKPOINTS) if run_dir.exists() else None
     if ckpt_path and not resume:
-        raise LmscaleError(f"{run_dir} already holds checkpoints: pass --resume, or choose another --out")
+        raise LmscaleError(
+            f"{run_dir} already holds checkpoints: pass --resume, or choose another --out"
+        )
     if resume and ckpt_path is None:
         raise LmscaleError(f"nothing to resume: no checkpoint in {run_dir}")
     device = resolve_device(config.train.device)
@@ -128,7 +139,9 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     config.model = config.model.replace(vocab_size=train_data.manifest.vocab_size)
     context = config.train.context or config.model.max_seq_len
     if context > config.model.max_seq_len:
-        raise LmscaleError(f"train.context {context} exceeds model.max_seq_len {config.model.max_seq_len}")
+        raise LmscaleError(
+            f"train.context {context} exceeds model.max_seq_len {config.model.max_seq_len}"
+        )
     torch.manual_seed(config.train.seed)
     model = Transformer(config.model).to(device)
     cfg = config.train

@@ -36,10 +36,14 @@ def build_optimizer(
 
 def _fused_ok(model: nn.Module) -> bool:
     # Fused AdamW exists for CPU and CUDA floating-point parameters since torch 2.4.
-    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters())
+    return all(
+        p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in model.parameters()
+    )
 
 
-def lr_at(step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1) -> float:
+def lr_at(
+    step: int, max_lr: float, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.1
+) -> float:
     """Learning rate at optimizer step `step` (0-based): linear warm-up, cosine down to min_lr."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
