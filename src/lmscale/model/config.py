@@ -44,6 +44,8 @@ class ModelConfig:
     """Share the token embedding with the output projection."""
     bias: bool | None = None
     """Biases on every linear layer and norm; None means True for gpt2, False for llama."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections only (as Qwen2 has them)."""
     dropout: float = 0.0
     """Dropout on attention weights and residual branches while training."""
     init_std: float = 0.02
@@ -93,6 +95,8 @@ class ModelConfig:
         mlp = (2 if self.family == "gpt2" else 3) * d * h
         norms = 2 * d * (2 if self.bias else 1)
         biases = (d + 2 * kv + d + h + d) if self.bias else 0
+        if self.qkv_bias and not self.bias:
+            biases = d + 2 * kv
         total = self.n_layers * (attn + mlp + norms + biases) + d * (2 if self.bias else 1)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
