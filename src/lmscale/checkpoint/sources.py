@@ -1,4 +1,10 @@
-"""What a `--model` argument may name, and loading it with its tokenizer."""
+"""What a `--model` argument may name, and loading it with its tokenizer.
+
+source                                   loaded by
+a Hugging Face model folder              `hf.load_hf` (config.json with a model_type)
+a run or checkpoint directory (native)   `load.load_model`
+(next: a .gguf file, a registered name)  add a branch to `load_pretrained` before the error
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from lmscale.checkpoint.hf import is_hf_dir, load_hf
 from lmscale.checkpoint.load import load_model
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
@@ -13,20 +20,28 @@ from lmscale.tokenizer import Tokenizer
 
 
 def load_pretrained(
-    source: str, device: str | torch.device = "cpu"
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """A model and its tokenizer from a run directory or a checkpoint directory.
+    """A model and its tokenizer from a Hugging Face folder, run directory or checkpoint directory.
 
     Args:
-        source: a run directory (its latest checkpoint is used) or a checkpoint directory.
+        source: a Hugging Face model folder, a run directory (its latest checkpoint is used) or a
+            checkpoint directory.
         device: where to put the weights.
+        dtype: a floating dtype (or its name) to cast to; None keeps the saved one.
 
     Returns:
         The model in eval mode, and the tokenizer saved with it.
     """
-    if not Path(source).exists():
+    path = Path(source)
+    if is_hf_dir(path):
+        return load_hf(path, device=device, dtype=dtype)
+    # NOTE: GGUF files and registered model names go here, before the "not found" error.
+    if not path.exists():
         raise LmscaleError(f"model not found: '{source}' is neither a path nor a known model name")
-    model, checkpoint = load_model(source, device=device)
+    model, checkpoint = load_model(path, device=device, dtype=dtype)
     if checkpoint.tokenizer_json is None:
         raise LmscaleError(f"{checkpoint.path} holds no tokenizer.json")
     return model, Tokenizer.from_json(checkpoint.tokenizer_json)
