@@ -65,10 +65,11 @@ def build_tokenizer(meta: dict[str, Any], path: Path) -> GGUFTokenizer:
             f"{path}: tokenizer model '{kind}' is not supported (only byte-level BPE, 'gpt2')"
         )
     tokens = _string_list(meta, "tokenizer.ggml.tokens", path)
-    merges = _merges(_string_list(meta, "tokenizer.ggml.merges", path), path)
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    if len(set(tokens)) != len(tokens):
+    vocab = {token: index for index, token in enumerate(tokens)}
+    if len(vocab) != len(tokens):
         raise LmscaleError(f"{path}: 'tokenizer.ggml.tokens' lists a token twice")
+    merges = _merges(_string_list(meta, "tokenizer.ggml.merges", path), vocab, path)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"), path)
     tokenizer.decoder = decoders.ByteLevel()
     _add_special_tokens(tokenizer, tokens, meta, path)
@@ -95,12 +96,16 @@ def _string_list(meta: dict, key: str, path: Path) -> list[str]:
     return value
 
 
-def _merges(lines: list[str], path: Path) -> list[tuple[str, str]]:
+def _merges(lines: list[str], vocab: dict[str, int], path: Path) -> list[tuple[str, str]]:
     """ "a b" lines as pairs; byte-level tokens never hold a real space, so one split suffices."""
     pairs = [tuple(line.split(" ")) for line in lines]
-    bad = next((line for line, pair in zip(lines, pairs) if len(pair) != 2), None)
-    if bad is not None:
-        raise LmscaleError(f"{path}: merge {bad!r} in 'tokenizer.ggml.merges' is not two tokens")
+    for line, pair in zip(lines, pairs):
+        # NOTE: checked here because `tokenizers` panics (no Python exception) on a bad merge.
+        if len(pair) != 2 or not all(piece in vocab for piece in (*pair, "".join(pair))):
+            raise LmscaleError(
+                f"{path}: merge {line!r} in 'tokenizer.ggml.merges' is not two known tokens "
+                "making a known token"
+            )
     return pairs
 
 
