@@ -96,10 +96,11 @@ def test_logits_match_transformers(ours, reference):
             assert diff <= 1e-3, f"{prompt!r}: max abs logit diff {diff}"
 
 
-def test_greedy_continuation_matches_transformers(ours, reference):
+@pytest.mark.parametrize("prompt", [PROMPTS[1], PROMPTS[2]])  # stops at EOS; runs all 32
+def test_greedy_continuation_matches_transformers(ours, reference, prompt):
     model, _ = ours
     ref_model, ref_tokenizer = reference
-    prompt = torch.tensor([ref_tokenizer.encode(PROMPTS[1])])
+    prompt = torch.tensor([ref_tokenizer.encode(prompt)])
     with torch.no_grad():
         expected = ref_model.generate(
             prompt, max_new_tokens=32, do_sample=False, pad_token_id=ref_tokenizer.pad_token_id
@@ -181,7 +182,9 @@ def test_unpermute_inverts_llama_cpp_permutation(n_heads):
     assert torch.equal(permute_rope(unpermute_rope(weight, n_heads), n_heads), weight)
     # llama.cpp's converter, in numpy, as convert_hf_to_gguf.py writes it.
     w = weight.numpy()
-    llama_cpp = w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, 576).swapaxes(1, 2).reshape(w.shape)
+    llama_cpp = (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, 576).swapaxes(1, 2).reshape(w.shape)
+    )
     assert torch.equal(permute_rope(weight, n_heads), torch.from_numpy(llama_cpp))
 
 

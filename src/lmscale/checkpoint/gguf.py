@@ -185,7 +185,7 @@ def _open(path: Path):
         return GGUFReader(path)
     except Exception as error:  # noqa: BLE001 - the parser fails on corrupt input in many ways
         kind = type(error).__name__
-        raise LmscaleError(f"{path}: not a readable GGUF file ({kind}: {error})") from None
+        raise LmscaleError(f"{path}: truncated or not a GGUF file ({kind}: {error})") from None
 
 
 def _metadata(reader, path: Path) -> dict[str, Any]:

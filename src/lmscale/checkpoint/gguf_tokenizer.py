@@ -99,7 +99,7 @@ def _string_list(meta: dict, key: str, path: Path) -> list[str]:
 def _merges(lines: list[str], vocab: dict[str, int], path: Path) -> list[tuple[str, str]]:
     """ "a b" lines as pairs; byte-level tokens never hold a real space, so one split suffices."""
     pairs = [tuple(line.split(" ")) for line in lines]
-    for line, pair in zip(lines, pairs):
+    for line, pair in zip(lines, pairs, strict=True):
         # NOTE: checked here because `tokenizers` panics (no Python exception) on a bad merge.
         if len(pair) != 2 or not all(piece in vocab for piece in (*pair, "".join(pair))):
             raise LmscaleError(
@@ -116,7 +116,9 @@ def _pre_tokenizer(name: str, path: Path):
             f"{path}: pre-tokenizer '{name}' is not supported "
             f"(supported: {', '.join(PRE_TOKENIZER_SPLITS)})"
         )
-    splits = [pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[name]]
+    splits = [
+        pre_tokenizers.Split(Regex(rx), behavior="isolated") for rx in PRE_TOKENIZER_SPLITS[name]
+    ]
     # The GPT-2 rule runs last unless a custom rule already covered everything (Llama 3's).
     gpt2_rule = name not in ("llama-bpe", "llama3")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=gpt2_rule)
@@ -133,8 +135,8 @@ def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], meta: dict, pat
         return
     if not isinstance(types, list) or len(types) != len(tokens):
         raise LmscaleError(f"{path}: 'tokenizer.ggml.token_type' does not match the token list")
-    control = [t for t, kind in zip(tokens, types) if kind == CONTROL]
-    user = [t for t, kind in zip(tokens, types) if kind == USER_DEFINED]
+    control = [t for t, kind in zip(tokens, types, strict=True) if kind == CONTROL]
+    user = [t for t, kind in zip(tokens, types, strict=True) if kind == USER_DEFINED]
     tokenizer.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
     tokenizer.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
 
