@@ -1,0 +1,316 @@
+"""GGUF in: a llama.cpp model file as a `Transformer`, its tokenizer and its chat template.
+
+A GGUF holds metadata (shape, tokenizer, chat template) and tensors, many of them quantized in
+blocks. We read it with the `gguf` package's `GGUFReader`, dequantize every tensor to float32,
+rename it to lmscale's names and undo the row order llama.cpp gives the query and key weights.
+Everything is checked before anything is returned: a file either loads whole or raises
+`LmscaleError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lmscale.checkpoint.gguf_tokenizer import GGUFTokenizer, build_tokenizer
+from lmscale.checkpoint.load import _dtype
+from lmscale.errors import LmscaleError
+from lmscale.model import ModelConfig, Transformer
+
+# Tensor types we can turn into float32 (all through `gguf.quants.dequantize`).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+
+# llama.cpp's tensor names -> lmscale's; "{n}" is the layer index.
+GLOBAL_NAMES = {
+    "token_embd.weight": "tok_embeddings.weight",
+    "output_norm.weight": "norm.weight",
+    "output.weight": "output.weight",
+}
+LAYER_NAMES = {
+    "attn_q.weight": "attention.wq.weight",
+    "attn_k.weight": "attention.wk.weight",
+    "attn_v.weight": "attention.wv.weight",
+    "attn_output.weight": "attention.wo.weight",
+    "ffn_gate.weight": "feed_forward.w1.weight",
+    "ffn_down.weight": "feed_forward.w2.weight",
+    "ffn_up.weight": "feed_forward.w3.weight",
+    "attn_norm.weight": "attention_norm.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+}
+
+
+@dataclass
+class GGUFModel:
+    """Everything a GGUF file holds, in lmscale's terms."""
+
+    config: ModelConfig
+    """The model's shape, from the `llama.*` metadata."""
+    state_dict: dict[str, Tensor]
+    """float32 weights under lmscale's names (`output.weight` is the embedding when tied)."""
+    tokenizer: Any
+    """A Hugging Face `tokenizers.Tokenizer` built from the `tokenizer.ggml.*` metadata."""
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    add_bos: bool
+    """Whether llama.cpp prepends the BOS token when it encodes a prompt."""
+    chat_template: str | None
+    metadata: dict[str, str] = field(default_factory=dict)
+    """The file's `general.*` strings (name, license, ...)."""
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read a GGUF file of the llama architecture with a byte-level BPE ("gpt2") tokenizer.
+
+    Args:
+        path: the .gguf file.
+
+    Returns:
+        The config, float32 state dict, tokenizer, special tokens, chat template and metadata.
+
+    Raises:
+        LmscaleError: the file is missing, truncated or corrupt, or holds something unsupported
+            (another architecture, a sentencepiece tokenizer, a tensor type, RoPE scaling).
+    """
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader, path)
+    arch = _get(meta, "general.architecture", str, path)
+    if arch != "llama":
+        raise LmscaleError(f"{path}: architecture '{arch}' is not supported (only 'llama')")
+    tokenizer = build_tokenizer(meta, path)
+    tensors = {t.name: t for t in reader.tensors}
+    config = _config(meta, path, len(tokenizer.tokens), tied="output.weight" not in tensors)
+    state = _state_dict(tensors, config, path)
+    return _assemble(config, state, tokenizer, meta)
+
+
+def load_gguf(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> tuple[Transformer, GGUFModel]:
+    """A ready-to-run model from a GGUF file (weights loaded strictly, eval mode).
+
+    Args:
+        path: the .gguf file.
+        device: where the model goes.
+        dtype: a floating dtype (or its name) to cast to; None keeps float32.
+
+    Returns:
+        (model, everything else the file holds, see `read_gguf`).
+    """
+    gguf_model = read_gguf(path)
+    model = Transformer(gguf_model.config)
+    model.load_state_dict(gguf_model.state_dict, strict=True)
+    model.to(device=device, dtype=_dtype(dtype))
+    return model.eval(), gguf_model
+
+
+def permute_rope(weight: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's reordering of q/k rows: each head's half-split rotary pairs -> interleaved.
+
+    Hugging Face's RoPE rotates row i with row i + head_dim/2 of a head; llama.cpp's rotates rows
+    2i and 2i+1, so its converter reorders rows. Kept here to test `unpermute_rope` against.
+
+    Args:
+        weight: (n_heads * head_dim, dim) query or key weight in Hugging Face order.
+        n_heads: heads of this projection (n_kv_heads for the key).
+
+    Returns:
+        The same weight in llama.cpp's row order.
+    """
+    rows = weight.shape[0]
+    w = weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])  # (nh, 2, hs/2, ...)
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def unpermute_rope(weight: Tensor, n_heads: int) -> Tensor:
+    """Inverse of `permute_rope`: llama.cpp's interleaved row order back to half-split.
+
+    Args:
+        weight: (n_heads * head_dim, dim) weight as stored in the GGUF.
+        n_heads: heads of this projection (n_kv_heads for the key).
+
+    Returns:
+        The weight in the Hugging Face (and lmscale) row order.
+    """
+    rows = weight.shape[0]
+    w = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])  # (nh, hs/2, 2, ...)
+    return w.transpose(1, 2).reshape(weight.shape)
+
+
+def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], label: str) -> Tensor:
+    """One tensor's raw data as float32 in PyTorch order (out_features, in_features).
+
+    Args:
+        data: the reader's array (quantized blocks as uint8 rows, or plain floats).
+        type_name: the GGML type's name, e.g. "Q4_1".
+        shape: the expected PyTorch shape.
+        label: what to call the tensor in an error ("model.gguf: tensor 'blk.0.attn_q.weight'").
+
+    Returns:
+        A float32 tensor of `shape`.
+    """
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    if type_name not in SUPPORTED_TYPES:
+        raise LmscaleError(
+            f"{label} has type {type_name}, which lmscale cannot read "
+            f"(supported: {', '.join(SUPPORTED_TYPES)})"
+        )
+    try:
+        values = gguf_dequantize(data, GGMLQuantizationType[type_name])
+        # NOTE: GGUF lists dimensions innermost first; the reader already reverses them, so
+        # rows are out_features as PyTorch wants.
+        values = np.require(values, np.float32, ["C", "W"]).reshape(shape)  # own a copy
+    except ValueError as error:
+        raise LmscaleError(f"{label} does not hold {shape} {type_name} values: {error}") from None
+    return torch.from_numpy(values)
+
+
+def _open(path: Path):
+    """The file's `GGUFReader`, or LmscaleError when it is not a readable GGUF."""
+    from gguf import GGUFReader
+
+    if not path.is_file():
+        raise LmscaleError(f"{path}: no such GGUF file")
+    try:
+        return GGUFReader(path)
+    except Exception as error:  # noqa: BLE001 - the parser fails on corrupt input in many ways
+        kind = type(error).__name__
+        raise LmscaleError(f"{path}: truncated or not a GGUF file ({kind}: {error})") from None
+
+
+def _metadata(reader, path: Path) -> dict[str, Any]:
+    """Every metadata field as a Python value (str, int, float, bool or list)."""
+    meta = {}
+    for name, reader_field in reader.fields.items():
+        try:
+            meta[name] = reader_field.contents()
+        except Exception as error:  # noqa: BLE001 - a corrupt field decodes in many wrong ways
+            raise LmscaleError(f"{path}: metadata '{name}' is corrupt ({error})") from None
+    return meta
+
+
+def _get(meta: dict, key: str, kind: type | tuple[type, ...], path: Path, default=...) -> Any:
+    """`meta[key]`, checked to be of `kind`; LmscaleError when missing (with no default) or wrong."""
+    if key not in meta:
+        if default is ...:
+            raise LmscaleError(f"{path}: metadata '{key}' is missing")
+        return default
+    value = meta[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise LmscaleError(f"{path}: metadata '{key}' is {value!r}, expected {_kind_name(kind)}")
+    return value
+
+
+def _kind_name(kind) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(k.__name__ for k in kinds)
+
+
+def _config(meta: dict, path: Path, vocab_size: int, tied: bool) -> ModelConfig:
+    """The `ModelConfig` the `llama.*` metadata describes."""
+    _check_rope(meta, path)
+    n_heads = _get(meta, "llama.attention.head_count", int, path)
+    fields = dict(
+        family="llama",
+        vocab_size=vocab_size,
+        dim=_get(meta, "llama.embedding_length", int, path),
+        n_layers=_get(meta, "llama.block_count", int, path),
+        n_heads=n_heads,
+        n_kv_heads=_get(meta, "llama.attention.head_count_kv", int, path, default=n_heads),
+        hidden_dim=_get(meta, "llama.feed_forward_length", int, path),
+        max_seq_len=_get(meta, "llama.context_length", int, path),
+        rope_theta=float(_get(meta, "llama.rope.freq_base", (int, float), path, 10000.0)),
+        norm_eps=float(_get(meta, "llama.attention.layer_norm_rms_epsilon", (int, float), path)),
+        tie_embeddings=tied,
+    )
+    try:
+        config = ModelConfig(**fields)
+    except LmscaleError as error:
+        raise LmscaleError(f"{path}: metadata describes an invalid model ({error})") from None
+    rotary = _get(meta, "llama.rope.dimension_count", int, path, default=config.head_dim)
+    if rotary != config.head_dim:
+        raise LmscaleError(
+            f"{path}: RoPE over {rotary} of {config.head_dim} head dimensions is not supported"
+        )
+    return config
+
+
+def _check_rope(meta: dict, path: Path) -> None:
+    """Refuse RoPE scaling: lmscale's RoPE has none, and ignoring it would change the outputs."""
+    scaling = _get(meta, "llama.rope.scaling.type", str, path, default="none")
+    if scaling != "none":
+        raise LmscaleError(f"{path}: RoPE scaling '{scaling}' is not supported")
+
+
+def _state_dict(tensors: dict, config: ModelConfig, path: Path) -> dict[str, Tensor]:
+    """Every tensor dequantized, renamed, checked against the model's shapes, q/k unpermuted."""
+    with torch.device("meta"):  # shapes and names only, no memory
+        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    _check_rope_freqs(tensors, path)
+    state = {}
+    for gguf_name, tensor in tensors.items():
+        if gguf_name == "rope_freqs.weight":
+            continue
+        name = _lmscale_name(gguf_name, config.n_layers)
+        if name is None or name not in expected:
+            raise LmscaleError(f"{path}: unexpected tensor '{gguf_name}'")
+        label = f"{path}: tensor '{gguf_name}'"
+        weight = dequantize(tensor.data, tensor.tensor_type.name, expected[name], label)
+        if name.endswith("wq.weight"):
+            weight = unpermute_rope(weight, config.n_heads)
+        elif name.endswith("wk.weight"):
+            weight = unpermute_rope(weight, config.n_kv_heads)
+        state[name] = weight
+    if config.tie_embeddings and "tok_embeddings.weight" in state:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    missing = [name for name in expected if name not in state]
+    if missing:
+        raise LmscaleError(f"{path}: missing tensors for {', '.join(missing[:3])}")
+    return state
+
+
+def _lmscale_name(gguf_name: str, n_layers: int) -> str | None:
+    """lmscale's name for a llama.cpp tensor name, or None when it has none."""
+    if gguf_name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[gguf_name]
+    prefix, _, rest = gguf_name.partition(".")
+    index, _, suffix = rest.partition(".")
+    if prefix != "blk" or not index.isdigit() or int(index) >= n_layers:
+        return None
+    return f"layers.{int(index)}.{LAYER_NAMES[suffix]}" if suffix in LAYER_NAMES else None
+
+
+def _check_rope_freqs(tensors: dict, path: Path) -> None:
+    """Allow a `rope_freqs` tensor only when all its factors are 1 (no Llama-3 style scaling)."""
+    if "rope_freqs.weight" not in tensors:
+        return
+    tensor = tensors["rope_freqs.weight"]
+    label = f"{path}: tensor 'rope_freqs.weight'"
+    factors = dequantize(tensor.data, tensor.tensor_type.name, (-1,), label)
+    if not torch.all(factors == 1.0):
+        raise LmscaleError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
+
+
+def _assemble(config, state, tokenizer: GGUFTokenizer, meta: dict) -> GGUFModel:
+    general = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, str)}
+    return GGUFModel(
+        config=config,
+        state_dict=state,
+        tokenizer=tokenizer.tokenizer,
+        bos_token=tokenizer.bos_token,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        add_bos=tokenizer.add_bos,
+        chat_template=tokenizer.chat_template,
+        metadata=general,
+    )
