@@ -1,9 +1,10 @@
 """What a `--model` argument may name, and loading it with its tokenizer.
 
 source                                   loaded by
+a registered name (bundled models)       `registry.resolve_bundled`, then as its file
+a .gguf file                             `gguf.load_gguf` (tokenizer and template from metadata)
 a Hugging Face model folder              `hf.load_hf` (config.json with a model_type)
 a run or checkpoint directory (native)   `load.load_model`
-(next: a .gguf file, a registered name)  add a branch to `load_pretrained` before the error
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 
 import torch
 
+from lmscale.checkpoint.gguf import load_gguf
 from lmscale.checkpoint.hf import is_hf_dir, load_hf
 from lmscale.checkpoint.load import load_model
+from lmscale.checkpoint.registry import BUNDLED_MODELS, resolve_bundled
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
 from lmscale.tokenizer import Tokenizer
@@ -24,11 +27,11 @@ def load_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
 ) -> tuple[Transformer, Tokenizer]:
-    """A model and its tokenizer from a Hugging Face folder, run directory or checkpoint directory.
+    """A model and its tokenizer from any source a `--model` argument may name.
 
     Args:
-        source: a Hugging Face model folder, a run directory (its latest checkpoint is used) or a
-            checkpoint directory.
+        source: a bundled model's name, a .gguf file, a Hugging Face model folder, a run
+            directory (its latest checkpoint is used) or a checkpoint directory.
         device: where to put the weights.
         dtype: a floating dtype (or its name) to cast to; None keeps the saved one.
 
@@ -36,12 +39,25 @@ def load_pretrained(
         The model in eval mode, and the tokenizer saved with it.
     """
     path = Path(source)
+    if not path.exists():
+        path = resolve_bundled(str(source)) or path
+    if path.suffix == ".gguf" and path.is_file():
+        return _load_gguf(path, device, dtype)
     if is_hf_dir(path):
         return load_hf(path, device=device, dtype=dtype)
-    # NOTE: GGUF files and registered model names go here, before the "not found" error.
     if not path.exists():
-        raise LmscaleError(f"model not found: '{source}' is neither a path nor a known model name")
+        known = ", ".join(BUNDLED_MODELS)
+        raise LmscaleError(f"model not found: '{source}' is neither a path nor a known model ({known})")
     model, checkpoint = load_model(path, device=device, dtype=dtype)
     if checkpoint.tokenizer_json is None:
         raise LmscaleError(f"{checkpoint.path} holds no tokenizer.json")
     return model, Tokenizer.from_json(checkpoint.tokenizer_json)
+
+
+def _load_gguf(path: Path, device, dtype) -> tuple[Transformer, Tokenizer]:
+    model, gguf = load_gguf(path, device=device, dtype=dtype)
+    tokenizer = Tokenizer(
+        gguf.tokenizer, bos_token=gguf.bos_token, eos_token=gguf.eos_token,
+        pad_token=gguf.pad_token, chat_template=gguf.chat_template, add_bos=gguf.add_bos,
+    )  # fmt: skip
+    return model, tokenizer
