@@ -42,14 +42,24 @@ def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, T, H, hs) by the angles of its positions; cos and sin are (T, hs/2).
+def rope_factors(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Full-width factors for `apply_rope`, built once per forward pass: (T, 1, hs) each.
 
-    The "half-split" convention: dimension i pairs with i + hs/2 (as in Hugging Face Llama).
+    cos_full = [cos, cos] and sin_signed = [-sin, sin], so that rotating is two multiplies and an add.
+    """
+    cos_full = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
+    sin_signed = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+    return cos_full, sin_signed
+
+
+def apply_rope(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate (B, T, H, hs) by the angles of its positions; the factors come from `rope_factors`.
+
+    The "half-split" convention: dimension i pairs with i + hs/2 (as in Hugging Face Llama):
+        out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]
     """
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hs/2)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos_full + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -86,12 +96,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(k, v)  # k, v: (B, nkv, S, hs) with S = cached + T
             is_causal = False
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
+        # NOTE: enable_gqa lets SDPA read each kv head for its query group without copying it
+        # n_rep times (repeat_interleave), which also saves the backward's reduction of the copies.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_rep > 1,
         )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.wo(y)
@@ -200,7 +209,8 @@ class Transformer(nn.Module):
         if self.config.family == "gpt2":
             h = h + self.pos_embeddings(torch.arange(start, start + T, device=tokens.device))
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
+            rope = rope_factors(self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype)
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.layer(i) if cache is not None else None)
