@@ -83,7 +83,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None
+    ) -> Tensor:
         B, T, _ = x.shape
         # NOTE: -1 heads, not n_heads, so tensor parallel can shard heads without touching this code.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
@@ -142,7 +144,9 @@ class Block(nn.Module):
         self.feed_forward = GeluMLP(config) if config.family == "gpt2" else SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
         x = x + self.dropout(self.attention(self.attention_norm(x), rope, cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
@@ -173,7 +177,9 @@ class Transformer(nn.Module):
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                scale = (
+                    1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                )
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -184,7 +190,9 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         if self.config.family != "gpt2":  # meta-device init leaves the RoPE tables empty
-            self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in rope_tables(self.config))
+            self.rope_cos, self.rope_sin = (
+                t.to(self.rope_cos.device) for t in rope_tables(self.config)
+            )
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits for every position.
@@ -203,14 +211,22 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}"
+            )
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         rope = None
         if self.config.family == "gpt2":
             h = h + self.pos_embeddings(torch.arange(start, start + T, device=tokens.device))
         else:
-            dtype = torch.get_autocast_dtype(h.device.type) if torch.is_autocast_enabled(h.device.type) else h.dtype
-            rope = rope_factors(self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype)
+            dtype = (
+                torch.get_autocast_dtype(h.device.type)
+                if torch.is_autocast_enabled(h.device.type)
+                else h.dtype
+            )
+            rope = rope_factors(
+                self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype
+            )
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.layer(i) if cache is not None else None)
