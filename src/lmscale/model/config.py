@@ -58,21 +58,11 @@ class ModelConfig:
             self.bias = self.family == "gpt2"
         if self.hidden_dim is None:
             self.hidden_dim = 4 * self.dim if self.family == "gpt2" else _swiglu_width(self.dim)
-        for name in (
-            "vocab_size",
-            "dim",
-            "n_layers",
-            "n_heads",
-            "n_kv_heads",
-            "hidden_dim",
-            "max_seq_len",
-        ):
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise LmscaleError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.dim % self.n_heads:
-            raise LmscaleError(
-                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
-            )
+            raise LmscaleError(f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})")
         if self.n_heads % self.n_kv_heads:
             raise LmscaleError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
