@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model before timing")
     ap.add_argument("--repeats", type=int, default=5, help="rounds, alternating the two models")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    ap.add_argument("--threads", type=int, default=0, help="CPU threads for both models (0: torch's default)")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = ap.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
