@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -128,17 +129,22 @@ class PeakRSS:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def make_step(model, loss_fn, opt, dtype, device):
+def make_step(model, loss_fn, opt, dtype, device, compile_: bool):
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16)
         if dtype == "bfloat16"
         else contextlib.nullcontext()
     )
 
+    # Compiled: the whole forward + loss, as transformers gets its loss inside its compiled model.
+    forward_loss = functools.partial(loss_fn, model)
+    if compile_:
+        forward_loss = torch.compile(forward_loss)
+
     def step(tokens, targets):
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss = loss_fn(model, tokens, targets)
+            loss = forward_loss(tokens, targets)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
@@ -220,8 +226,7 @@ def main() -> None:
     ):
         model.train()
         opt = build_optimizer(model, "adamw", LR, weight_decay=0.1)
-        fn = torch.compile(model) if args.compile else model
-        models[name] = make_step(fn, loss_fn, opt, args.dtype, device)
+        models[name] = make_step(model, loss_fn, opt, args.dtype, device, args.compile)
     for step in models.values():
         for _ in range(args.warmup):
             step(tokens, targets)
