@@ -42,14 +42,24 @@ def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, T, H, hs) by the angles of its positions; cos and sin are (T, hs/2).
+def rope_factors(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Full-width factors for `apply_rope`, built once per forward pass: (T, 1, hs) each.
 
-    The "half-split" convention: dimension i pairs with i + hs/2 (as in Hugging Face Llama).
+    cos_full = [cos, cos] and sin_signed = [-sin, sin], so that rotating is two multiplies and an add.
+    """
+    cos_full = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
+    sin_signed = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+    return cos_full, sin_signed
+
+
+def apply_rope(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor:
+    """Rotate (B, T, H, hs) by the angles of its positions; the factors come from `rope_factors`.
+
+    The "half-split" convention: dimension i pairs with i + hs/2 (as in Hugging Face Llama):
+        out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin] = x * [cos, cos] + [x2, x1] * [-sin, sin]
     """
     x1, x2 = x.chunk(2, dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # (T, 1, hs/2)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return x * cos_full + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
 class Attention(nn.Module):
@@ -73,7 +83,9 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, cache: LayerCache | None
+    ) -> Tensor:
         B, T, _ = x.shape
         # NOTE: -1 heads, not n_heads, so tensor parallel can shard heads without touching this code.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hs)
@@ -86,12 +98,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v, mask = cache.update(k, v)  # k, v: (B, nkv, S, hs) with S = cached + T
             is_causal = False
-        if self.n_rep > 1:
-            k = k.repeat_interleave(self.n_rep, dim=1)
-            v = v.repeat_interleave(self.n_rep, dim=1)
+        # NOTE: enable_gqa lets SDPA read each kv head for its query group without copying it
+        # n_rep times (repeat_interleave), which also saves the backward's reduction of the copies.
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=self.n_rep > 1,
         )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * hs)
         return self.wo(y)
@@ -133,7 +144,9 @@ class Block(nn.Module):
         self.feed_forward = GeluMLP(config) if config.family == "gpt2" else SwiGLU(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: LayerCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, cache: LayerCache | None = None
+    ) -> Tensor:
         x = x + self.dropout(self.attention(self.attention_norm(x), rope, cache))
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
@@ -164,7 +177,9 @@ class Transformer(nn.Module):
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                scale = (
+                    1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
+                )
                 nn.init.normal_(module.weight, mean=0.0, std=std * scale)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
@@ -175,7 +190,9 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         if self.config.family != "gpt2":  # meta-device init leaves the RoPE tables empty
-            self.rope_cos, self.rope_sin = (t.to(self.rope_cos.device) for t in rope_tables(self.config))
+            self.rope_cos, self.rope_sin = (
+                t.to(self.rope_cos.device) for t in rope_tables(self.config)
+            )
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits for every position.
@@ -194,13 +211,22 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}")
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}"
+            )
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         rope = None
         if self.config.family == "gpt2":
             h = h + self.pos_embeddings(torch.arange(start, start + T, device=tokens.device))
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            dtype = (
+                torch.get_autocast_dtype(h.device.type)
+                if torch.is_autocast_enabled(h.device.type)
+                else h.dtype
+            )
+            rope = rope_factors(
+                self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype
+            )
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.layer(i) if cache is not None else None)
