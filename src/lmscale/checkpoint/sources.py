@@ -47,7 +47,9 @@ def load_pretrained(
         return load_hf(path, device=device, dtype=dtype)
     if not path.exists():
         known = ", ".join(BUNDLED_MODELS)
-        raise LmscaleError(f"model not found: '{source}' is neither a path nor a known model ({known})")
+        raise LmscaleError(
+            f"model not found: '{source}' is neither a path nor a known model ({known})"
+        )
     model, checkpoint = load_model(path, device=device, dtype=dtype)
     if checkpoint.tokenizer_json is None:
         raise LmscaleError(f"{checkpoint.path} holds no tokenizer.json")

@@ -247,7 +247,9 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
-    ids = generate_ids(model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids)
+    ids = generate_ids(
+        model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids
+    )
     pieces = stream_text(ids, tokenizer.decode, params.stop or ())
     if args.json:
         print(json.dumps({"prompt": args.prompt, "text": "".join(pieces)}))

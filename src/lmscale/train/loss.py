@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
-"""Target id that is not scored (padding, prompt tokens in supervised fine-tuning)."""
+from lmscale.model import Transformer
+from lmscale.train.fused_loss import IGNORE_INDEX, linear_cross_entropy
+
+__all__ = ["IGNORE_INDEX", "count_targets", "lm_loss_sum"]
 
 
 def count_targets(targets: Tensor) -> int:
@@ -31,6 +33,9 @@ def lm_loss_sum(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     Returns:
         A scalar fp32 tensor: the summed loss (divide by the batch's target count).
     """
+    if isinstance(model, Transformer):  # the fused path: never materialises the logits
+        hidden = model.hidden_states(inputs)  # (B, T, dim)
+        return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
     logits = model(inputs)  # (B, T, vocab)
     return F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
