@@ -137,3 +137,18 @@ def test_metrics_lines_are_json(shakespeare_dir, tmp_path):
     train(tiny_config(shakespeare_dir, "--train.max_steps", "3"), tmp_path / "run", progress=False)
     for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
         json.loads(line)
+
+
+def one_step_weights(data_dir, run_dir, *overrides):
+    cfg = tiny_config(data_dir, "--train.max_steps", "2", *overrides)
+    run = setup(cfg, run_dir, resume=False)
+    train_step(run)
+    return {name: p.detach().clone() for name, p in run.model.named_parameters()}
+
+
+def test_activation_checkpointing_and_compile_train_the_same_weights(shakespeare_dir, tmp_path):
+    plain = one_step_weights(shakespeare_dir, tmp_path / "plain")
+    for i, option in enumerate(("--train.activation_checkpointing", "--train.compile")):
+        other = one_step_weights(shakespeare_dir, tmp_path / str(i), option, "true")
+        for name, tensor in plain.items():
+            assert torch.allclose(other[name], tensor, atol=1e-5), (option, name)
