@@ -28,11 +28,44 @@ def load_model(
         (model, checkpoint); the checkpoint is loaded without its train state.
     """
     checkpoint = load_checkpoint(source, with_train_state=False)
-    model = Transformer(_model_config(checkpoint))
-    _check_state(model, checkpoint.model_state, checkpoint.path)
-    model.load_state_dict(checkpoint.model_state, strict=True)
-    model.to(device=device, dtype=_dtype(dtype))
-    return model.eval(), checkpoint
+    config = _model_config(checkpoint)
+    with torch.device("meta"):
+        _check_state(Transformer(config), checkpoint.model_state, checkpoint.path)
+    # NOTE: a native checkpoint loads as float32 unless asked otherwise, as it always has.
+    model = build_model(config, checkpoint.model_state, device, _dtype(dtype) or torch.float32)
+    return model, checkpoint
+
+
+def build_model(
+    config: ModelConfig,
+    state: dict[str, Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> Transformer:
+    """A model holding `state` (checked strictly), in eval mode, without a random init first.
+
+    The model is built on the meta device and takes the loaded tensors as its parameters
+    (`assign=True`), which saves drawing ~all weights at random only to overwrite them.
+
+    Args:
+        config: the model's shape.
+        state: every weight under lmscale's names (the tied `output.weight` included).
+        device: where the model goes.
+        dtype: a floating dtype (or its name) to cast to; None keeps the state's dtypes.
+
+    Returns:
+        The model.
+    """
+    with torch.device("meta"):
+        model = Transformer(config)
+    # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
+    # (GPT-2's Conv1D weights) gives matmuls of other rounding.
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign replaced the shared parameter by two separate ones
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope(device="cpu")
+    return model.to(device=device, dtype=_dtype(dtype)).eval()
 
 
 def _model_config(checkpoint: Checkpoint) -> ModelConfig:

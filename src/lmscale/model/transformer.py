@@ -174,6 +174,9 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        self.init_rope()
+        if self.tok_embeddings.weight.is_meta:  # built only to receive loaded weights
+            return
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -189,10 +192,16 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        if self.config.family != "gpt2":  # meta-device init leaves the RoPE tables empty
-            self.rope_cos, self.rope_sin = (
-                t.to(self.rope_cos.device) for t in rope_tables(self.config)
-            )
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables: non-persistent buffers, so no state dict carries them.
+
+        Args:
+            device: where to put them; None keeps their device (on meta they stay empty).
+        """
+        if self.config.family != "gpt2":
+            device = device or self.rope_cos.device
+            self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits for every position.
