@@ -5,9 +5,10 @@ from the Hugging Face folder lmscale exports from it (the first greedy tokens ar
 check). Per dtype (fp32, bf16 = weights in bf16 on both sides) and side, two timed calls:
 greedy generation of 1 token (= the prefill of the prompt) and of `--new-tokens` tokens with no
 early stop; decode tokens/s = (new_tokens - 1) / (t_all - t_first). transformers runs its default
-`generate()` (dynamic cache, `do_sample=False`, `min_new_tokens=max_new_tokens`). The sides and
-dtypes alternate over `--repeats` rounds; medians are reported, with the memory-bandwidth ceiling
-of decoding (bytes of weights read per token / measured read bandwidth).
+`generate()` (dynamic cache, `do_sample=False`, `min_new_tokens=max_new_tokens`); lmscale runs as
+its `generate` and `chat` verbs do (float32 weights in the decode layout, see `decode_layout_`).
+The sides and dtypes alternate over `--repeats` rounds; medians are reported, with the
+memory-bandwidth ceiling of decoding (bytes of weights read per token / measured read bandwidth).
 
     python bench/decode_cpu.py --threads 2 --repeats 3
 """
@@ -27,7 +28,7 @@ from transformers import LlamaForCausalLM
 
 from lmscale.checkpoint import export_hf, load_pretrained
 from lmscale.engine import SamplingParams, generate_ids
-from lmscale.model import Transformer
+from lmscale.model import Transformer, decode_layout_
 
 MODEL = "smollm2-135m-instruct"
 TEXT = "The history of the printing press begins in the fifteenth century, when "
@@ -65,7 +66,9 @@ def build_runners(model: Transformer, args: argparse.Namespace) -> dict[tuple[st
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
-            runners["lmscale", name] = lmscale_runner(copy.deepcopy(model).to(dtype))
+            runners["lmscale", name] = lmscale_runner(
+                decode_layout_(copy.deepcopy(model).to(dtype))
+            )
             runners["transformers", name] = hf_runner(hf)
     return runners
 

@@ -240,6 +240,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine import SamplingParams, generate_ids, stream_text
+    from lmscale.model import decode_layout_
     from lmscale.train.precision import resolve_device
 
     params = SamplingParams(
@@ -247,6 +248,7 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    decode_layout_(model)
     ids = generate_ids(
         model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids
     )
@@ -279,6 +281,7 @@ def chat_args(p: argparse.ArgumentParser) -> None:
 def chat(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine import ChatSession, SamplingParams
+    from lmscale.model import decode_layout_
     from lmscale.train.precision import resolve_device
 
     params = SamplingParams(
@@ -286,7 +289,7 @@ def chat(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
-    session = ChatSession(model, tokenizer, params, system=args.system)
+    session = ChatSession(decode_layout_(model), tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     for line in _user_lines(interactive):
         if line == "/reset":
