@@ -153,8 +153,8 @@ def report(results: dict, model: Transformer, args: argparse.Namespace) -> None:
           f"{args.threads} threads, prompt {args.prompt_tokens}, new {args.new_tokens}, "
           f"medians of {args.repeats}")  # fmt: skip
     print(f"read bandwidth (sum over 1 GiB fp32): {bandwidth / 1e9:.1f} GB/s")
-    print("| dtype | lmscale prefill tok/s | transformers prefill tok/s | ratio "
-          "| lmscale decode tok/s | transformers decode tok/s | ratio | decode ceiling tok/s |")  # fmt: skip
+    print("| dtype | lmscale prefill tok/s | transformers prefill tok/s | ratio | lmscale decode"
+          " tok/s | transformers decode tok/s | ratio | decode ceiling tok/s |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
         ours, theirs = results["lmscale", dtype], results["transformers", dtype]
