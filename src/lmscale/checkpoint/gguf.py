@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmscale.checkpoint.gguf_tokenizer import GGUFTokenizer, build_tokenizer
-from lmscale.checkpoint.load import build_model
+from lmscale.checkpoint.load import build_model, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 
@@ -270,7 +270,7 @@ def _check_rope(meta: dict, path: Path) -> None:
 
 def _state_dict(tensors: dict, config: ModelConfig, path: Path) -> dict[str, Tensor]:
     """Every tensor dequantized, renamed, checked against the model's shapes, q/k unpermuted."""
-    with torch.device("meta"):  # shapes and names only, no memory
+    with empty_init():  # shapes and names only, no memory
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     _check_rope_freqs(tensors, path)
     state = {}

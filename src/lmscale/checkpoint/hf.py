@@ -28,7 +28,7 @@ from lmscale.checkpoint.hf_weights import (
     normalize_name,
     to_hf_state,
 )
-from lmscale.checkpoint.load import _dtype, build_model
+from lmscale.checkpoint.load import _dtype, build_model, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 from lmscale.tokenizer import Tokenizer
@@ -180,7 +180,7 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
 
 def _check_tensors(hf_state: dict[str, Tensor], config: ModelConfig, directory: Path) -> None:
     """Raise LmscaleError unless the names and shapes are exactly what `config` needs."""
-    with torch.device("meta"):  # names and shapes only
+    with empty_init():  # names and shapes only
         expected = to_hf_state(Transformer(config).state_dict(), config)
     missing = sorted(expected.keys() - hf_state.keys())
     unexpected = sorted(hf_state.keys() - expected.keys())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmscale.checkpoint.native import Checkpoint, load_checkpoint
 from lmscale.errors import LmscaleError
@@ -29,7 +31,7 @@ def load_model(
     """
     checkpoint = load_checkpoint(source, with_train_state=False)
     config = _model_config(checkpoint)
-    with torch.device("meta"):
+    with empty_init():
         _check_state(Transformer(config), checkpoint.model_state, checkpoint.path)
     # NOTE: a native checkpoint loads as float32 unless asked otherwise, as it always has.
     model = build_model(config, checkpoint.model_state, device, _dtype(dtype) or torch.float32)
@@ -56,7 +58,7 @@ def build_model(
     Returns:
         The model.
     """
-    with torch.device("meta"):
+    with empty_init():
         model = Transformer(config)
     # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
     # (GPT-2's Conv1D weights) gives matmuls of other rounding.
@@ -66,6 +68,26 @@ def build_model(
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device="cpu")
     return model.to(device=device, dtype=_dtype(dtype)).eval()
+
+
+@contextmanager
+def empty_init() -> Iterator[None]:
+    """Build modules on the meta device with `torch.nn.init`'s fills turned off.
+
+    Meta tensors hold no values, yet filling one at random still runs a Python decomposition
+    whose first call imports torch._dynamo (~1.5 s); a model about to receive loaded weights
+    needs neither. (transformers' `no_init_weights` does the same.)
+    """
+    fills = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in fills}
+    for name in fills:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
 
 
 def _model_config(checkpoint: Checkpoint) -> ModelConfig:

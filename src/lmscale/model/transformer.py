@@ -188,9 +188,9 @@ class Transformer(nn.Module):
         if config.family == "gpt2":
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
         else:
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            shape = (config.max_seq_len, config.head_dim // 2)  # filled by `init_rope`
+            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
@@ -226,7 +226,7 @@ class Transformer(nn.Module):
         Args:
             device: where to put them; None keeps their device (on meta they stay empty).
         """
-        if self.config.family != "gpt2":
+        if self.config.family != "gpt2" and (device is not None or not self.rope_cos.is_meta):
             device = device or self.rope_cos.device
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
 
