@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from lmscale.checkpoint.gguf_tokenizer import GGUFTokenizer, build_tokenizer
-from lmscale.checkpoint.load import _dtype
+from lmscale.checkpoint.load import build_model, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 
@@ -106,10 +106,7 @@ def load_gguf(
         (model, everything else the file holds, see `read_gguf`).
     """
     gguf_model = read_gguf(path)
-    model = Transformer(gguf_model.config)
-    model.load_state_dict(gguf_model.state_dict, strict=True)
-    model.to(device=device, dtype=_dtype(dtype))
-    return model.eval(), gguf_model
+    return build_model(gguf_model.config, gguf_model.state_dict, device, dtype), gguf_model
 
 
 def permute_rope(weight: Tensor, n_heads: int) -> Tensor:
@@ -177,15 +174,34 @@ def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], label: 
 
 def _open(path: Path):
     """The file's `GGUFReader`, or LmscaleError when it is not a readable GGUF."""
-    from gguf import GGUFReader
-
     if not path.is_file():
         raise LmscaleError(f"{path}: no such GGUF file")
     try:
-        return GGUFReader(path)
+        return _plain_array_reader()(path)
     except Exception as error:  # noqa: BLE001 - the parser fails on corrupt input in many ways
         kind = type(error).__name__
         raise LmscaleError(f"{path}: truncated or not a GGUF file ({kind}: {error})") from None
+
+
+def _plain_array_reader() -> type:
+    """`GGUFReader` over a plain ndarray view of its memory map (same bytes, no copy).
+
+    The reader slices its array once per string of the tokenizer's vocabulary and merges (~250k
+    slices for SmolLM2); on a `np.memmap` every slice runs memmap's Python `__array_finalize__`,
+    which made opening the file take ~3x longer.
+    """
+    from gguf import GGUFReader
+
+    class PlainArrayReader(GGUFReader):
+        @property
+        def data(self):
+            return self._plain_data
+
+        @data.setter
+        def data(self, value):
+            self._plain_data = value.view(np.ndarray)
+
+    return PlainArrayReader
 
 
 def _metadata(reader, path: Path) -> dict[str, Any]:
@@ -254,7 +270,7 @@ def _check_rope(meta: dict, path: Path) -> None:
 
 def _state_dict(tensors: dict, config: ModelConfig, path: Path) -> dict[str, Tensor]:
     """Every tensor dequantized, renamed, checked against the model's shapes, q/k unpermuted."""
-    with torch.device("meta"):  # shapes and names only, no memory
+    with empty_init():  # shapes and names only, no memory
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     _check_rope_freqs(tensors, path)
     state = {}

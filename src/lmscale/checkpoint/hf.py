@@ -28,7 +28,7 @@ from lmscale.checkpoint.hf_weights import (
     normalize_name,
     to_hf_state,
 )
-from lmscale.checkpoint.load import _dtype
+from lmscale.checkpoint.load import _dtype, build_model, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 from lmscale.tokenizer import Tokenizer
@@ -85,9 +85,7 @@ def load_hf_model(
     _check_tensors(hf_state, config, directory)
     target = _dtype(dtype) or next(iter(hf_state.values())).dtype
     state = {k: v.to(target) for k, v in from_hf_state(hf_state, config).items()}
-    model = Transformer(config).to(dtype=target)
-    model.load_state_dict(state, strict=True)
-    return model.to(device=device).eval()
+    return build_model(config, state, device)
 
 
 def export_hf(
@@ -182,7 +180,7 @@ def _read_weights(directory: Path) -> dict[str, Tensor]:
 
 def _check_tensors(hf_state: dict[str, Tensor], config: ModelConfig, directory: Path) -> None:
     """Raise LmscaleError unless the names and shapes are exactly what `config` needs."""
-    with torch.device("meta"):
+    with empty_init():  # names and shapes only
         expected = to_hf_state(Transformer(config).state_dict(), config)
     missing = sorted(expected.keys() - hf_state.keys())
     unexpected = sorted(hf_state.keys() - expected.keys())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lmscale.checkpoint.native import Checkpoint, load_checkpoint
 from lmscale.errors import LmscaleError
@@ -28,11 +30,64 @@ def load_model(
         (model, checkpoint); the checkpoint is loaded without its train state.
     """
     checkpoint = load_checkpoint(source, with_train_state=False)
-    model = Transformer(_model_config(checkpoint))
-    _check_state(model, checkpoint.model_state, checkpoint.path)
-    model.load_state_dict(checkpoint.model_state, strict=True)
-    model.to(device=device, dtype=_dtype(dtype))
-    return model.eval(), checkpoint
+    config = _model_config(checkpoint)
+    with empty_init():
+        _check_state(Transformer(config), checkpoint.model_state, checkpoint.path)
+    # NOTE: a native checkpoint loads as float32 unless asked otherwise, as it always has.
+    model = build_model(config, checkpoint.model_state, device, _dtype(dtype) or torch.float32)
+    return model, checkpoint
+
+
+def build_model(
+    config: ModelConfig,
+    state: dict[str, Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> Transformer:
+    """A model holding `state` (checked strictly), in eval mode, without a random init first.
+
+    The model is built on the meta device and takes the loaded tensors as its parameters
+    (`assign=True`), which saves drawing ~all weights at random only to overwrite them.
+
+    Args:
+        config: the model's shape.
+        state: every weight under lmscale's names (the tied `output.weight` included).
+        device: where the model goes.
+        dtype: a floating dtype (or its name) to cast to; None keeps the state's dtypes.
+
+    Returns:
+        The model.
+    """
+    with empty_init():
+        model = Transformer(config)
+    # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
+    # (GPT-2's Conv1D weights) gives matmuls of other rounding.
+    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign replaced the shared parameter by two separate ones
+        model.output.weight = model.tok_embeddings.weight
+    model.init_rope(device="cpu")
+    return model.to(device=device, dtype=_dtype(dtype)).eval()
+
+
+@contextmanager
+def empty_init() -> Iterator[None]:
+    """Build modules on the meta device with `torch.nn.init`'s fills turned off.
+
+    Meta tensors hold no values, yet filling one at random still runs a Python decomposition
+    whose first call imports torch._dynamo (~1.5 s); a model about to receive loaded weights
+    needs neither. (transformers' `no_init_weights` does the same.)
+    """
+    fills = ("normal_", "uniform_", "kaiming_uniform_", "zeros_", "ones_", "trunc_normal_")
+    saved = {name: getattr(nn.init, name) for name in fills}
+    for name in fills:
+        setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fill in saved.items():
+            setattr(nn.init, name, fill)
 
 
 def _model_config(checkpoint: Checkpoint) -> ModelConfig:

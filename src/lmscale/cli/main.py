@@ -166,7 +166,7 @@ def _sample_from(checkpoint: Path, n_tokens: int) -> str:
 
 
 def eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="a prepared data folder (see `lmscale prepare`)")
     source.add_argument("--text", help="a text file, tokenized with the model's tokenizer")
@@ -225,7 +225,7 @@ def _eval_tokens(args: argparse.Namespace, tokenizer):
 
 
 def generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="run directory or checkpoint directory")
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
@@ -240,6 +240,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 def generate(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine import SamplingParams, generate_ids, stream_text
+    from lmscale.model import decode_layout_
     from lmscale.train.precision import resolve_device
 
     params = SamplingParams(
@@ -247,6 +248,7 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    decode_layout_(model)
     ids = generate_ids(
         model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids
     )
@@ -261,12 +263,101 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
     sys.stdout.write("\n")
 
 
+# --- chat ------------------------------------------------------------------------------------
+
+
+def chat_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument("--system", default=None, help="system message that starts the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.epilog = "One message per line on stdin; /reset clears the history, /exit (or EOF) ends."
+
+
+def chat(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.engine import ChatSession, SamplingParams
+    from lmscale.model import decode_layout_
+    from lmscale.train.precision import resolve_device
+
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )  # fmt: skip
+    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    session = ChatSession(decode_layout_(model), tokenizer, params, system=args.system)
+    interactive = sys.stdin.isatty()
+    for line in _user_lines(interactive):
+        if line == "/reset":
+            session.reset()
+            continue
+        for piece in session.reply(line):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+
+
+def _user_lines(interactive: bool):
+    """Non-empty user lines until EOF or /exit, with a `> ` prompt on a terminal."""
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        if not interactive and not line:
+            return
+        line = line.strip()
+        if line == "/exit":
+            return
+        if line:
+            yield line
+
+
+# --- export ----------------------------------------------------------------------------------
+
+EXPORT_FORMATS = ("hf",)
+
+
+def export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("format", help="output format: hf (a Hugging Face transformers folder)")
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument(
+        "--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def export(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.checkpoint import export_hf, load_pretrained
+
+    if args.format not in EXPORT_FORMATS:
+        raise LmscaleError(
+            f"unknown export format '{args.format}' (choose from {', '.join(EXPORT_FORMATS)})"
+        )
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
+    model, tokenizer = load_pretrained(args.model)
+    out = export_hf(model, tokenizer, args.out, dtype=args.dtype)
+    if args.json:
+        print(json.dumps({"format": args.format, "out": str(out), "model": args.model}))
+        return
+    print(out)
+
+
 Verb = tuple[Callable[[argparse.ArgumentParser], None], Callable, str]
 VERBS: dict[str, Verb] = {
     "prepare": (prepare_args, prepare, "tokenize a corpus into shards with a manifest"),
     "train": (train_args, train, "train a model from a TOML config"),
     "eval": (eval_args, evaluate, "loss and perplexity of a model on data or a text file"),
     "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
+    "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
+    "export": (export_args, export, "write a model in another format (hf)"),
 }
 
 if __name__ == "__main__":

@@ -8,10 +8,9 @@ import torch
 
 from lmscale.engine.sampling import SamplingParams, sample_next
 from lmscale.errors import LmscaleError
-from lmscale.model import Transformer
+from lmscale.model import KVCache, Transformer
 
 
-@torch.inference_mode()
 def generate_ids(
     model: Transformer, prompt: Sequence[int], params: SamplingParams,
     stop_ids: Sequence[int] = (),
@@ -25,16 +24,39 @@ def generate_ids(
         raise LmscaleError("the prompt is empty")
     limit = model.config.max_seq_len
     prompt = list(prompt)[-(limit - 1) :] if limit > 1 else list(prompt)[-1:]
+    budget = min(params.max_new_tokens, limit - len(prompt))
+    cache = model.new_cache(1, len(prompt) + budget)
+    return continue_ids(model, cache, prompt, params, budget, stop_ids)
+
+
+@torch.inference_mode()
+def continue_ids(
+    model: Transformer, cache: KVCache, new_ids: Sequence[int], params: SamplingParams,
+    budget: int, stop_ids: Sequence[int] = (),
+) -> Iterator[int]:  # fmt: skip
+    """Feed `new_ids` after what `cache` holds, then yield up to `budget` sampled ids.
+
+    Args:
+        model: the model the cache belongs to.
+        cache: a batch-1 KV cache with room for `len(new_ids) + budget - 1` more positions.
+        new_ids: at least one token that continues the cached sequence.
+        params: how to sample.
+        budget: the most ids to yield.
+        stop_ids: ids that end generation (not yielded, not fed to the model).
+
+    Yields:
+        Sampled ids; each one is fed to the model before the next is sampled (the last is not).
+    """
     device = model.tok_embeddings.weight.device
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    budget = min(params.max_new_tokens, limit - len(prompt))
-    cache = model.new_cache(1, len(prompt) + budget)
-    tokens = torch.tensor([prompt], device=device)
+    tokens = torch.tensor([list(new_ids)], device=device)
     for _ in range(budget):
-        logits = model(tokens, cache)[:, -1]  # (1, vocab)
-        next_id = int(sample_next(logits, params, generator))
+        # NOTE: only the last position's logits are needed; projecting the whole prompt onto the
+        # vocabulary would cost more than the prefill itself for a small model.
+        hidden = model.hidden_states(tokens, cache)[:, -1]  # (1, dim)
+        next_id = int(sample_next(model.output(hidden), params, generator))
         if next_id in stop_ids:
             return
         yield next_id

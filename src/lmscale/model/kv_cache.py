@@ -23,7 +23,8 @@ class LayerCache:
         Returns:
             All keys and values so far, (B, nkv, S, hs) with S = cached + T, and the boolean
             attention mask (T, S) that lets new query i see cached positions and new ones up to i
-            (None when T == 1: a single new token may see everything).
+            (None when T == 1: a single new token may see everything; None too when nothing was
+            cached: the mask is then plain causal, which attention kernels handle faster).
         """
         start, T = self.owner.length, k.shape[2]
         end = start + T
@@ -32,7 +33,7 @@ class LayerCache:
         self.owner.k[self.index][:, :, start:end] = k
         self.owner.v[self.index][:, :, start:end] = v
         keys, values = self.owner.k[self.index][:, :, :end], self.owner.v[self.index][:, :, :end]
-        if T == 1:
+        if T == 1 or start == 0:
             return keys, values, None
         query_pos = torch.arange(start, end, device=k.device)[:, None]  # (T, 1)
         key_pos = torch.arange(end, device=k.device)[None, :]  # (1, S)

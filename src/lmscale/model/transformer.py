@@ -62,6 +62,30 @@ def apply_rope(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor:
     return x * cos_full + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
+def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of one new query per sequence over every cached key, as two small matmuls.
+
+    For a single query, SDPA's CPU kernels cost several times more than this (~10x in bf16).
+    The query heads of a group become the rows of one matmul, so each kv head is read once:
+
+        q (B, nkv, n_rep, hs) @ k^T (B, nkv, hs, S) -> scores (B, nkv, n_rep, S) -> @ v
+
+    Scores and softmax are computed in fp32, as SDPA's math does.
+
+    Args:
+        q: (B, nh, 1, hs) queries.
+        k: (B, nkv, S, hs) keys; v likewise.
+
+    Returns:
+        (B, nh, 1, hs) attention outputs.
+    """
+    B, n_heads, _, head_dim = q.shape
+    q = q.reshape(B, k.shape[1], -1, head_dim)  # (B, nkv, n_rep, hs)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * head_dim**-0.5  # (B, nkv, n_rep, S)
+    y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, nkv, n_rep, hs)
+    return y.view(B, n_heads, 1, head_dim)
+
+
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads.
 
@@ -97,7 +121,10 @@ class Attention(nn.Module):
         mask, is_causal = None, T > 1
         if cache is not None:
             k, v, mask = cache.update(k, v)  # k, v: (B, nkv, S, hs) with S = cached + T
-            is_causal = False
+            is_causal = T > 1 and mask is None  # a first chunk is causal within itself
+            if T == 1:
+                y = decode_attention(q, k, v)  # (B, nh, 1, hs)
+                return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         # NOTE: enable_gqa lets SDPA read each kv head for its query group without copying it
         # n_rep times (repeat_interleave), which also saves the backward's reduction of the copies.
         y = F.scaled_dot_product_attention(
@@ -161,9 +188,9 @@ class Transformer(nn.Module):
         if config.family == "gpt2":
             self.pos_embeddings = nn.Embedding(config.max_seq_len, config.dim)
         else:
-            cos, sin = rope_tables(config)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            shape = (config.max_seq_len, config.head_dim // 2)  # filled by `init_rope`
+            self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = make_norm(config)
@@ -174,6 +201,9 @@ class Transformer(nn.Module):
 
     def init_weights(self) -> None:
         """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        self.init_rope()
+        if self.tok_embeddings.weight.is_meta:  # built only to receive loaded weights
+            return
         std = self.config.init_std
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -189,10 +219,16 @@ class Transformer(nn.Module):
                 nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
-        if self.config.family != "gpt2":  # meta-device init leaves the RoPE tables empty
-            self.rope_cos, self.rope_sin = (
-                t.to(self.rope_cos.device) for t in rope_tables(self.config)
-            )
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE tables: non-persistent buffers, so no state dict carries them.
+
+        Args:
+            device: where to put them; None keeps their device (on meta they stay empty).
+        """
+        if self.config.family != "gpt2" and (device is not None or not self.rope_cos.is_meta):
+            device = device or self.rope_cos.device
+            self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
         """Logits for every position.

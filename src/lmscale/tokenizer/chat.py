@@ -12,6 +12,7 @@ from datetime import datetime
 from functools import lru_cache
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from lmscale.errors import LmscaleError

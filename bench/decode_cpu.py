@@ -1,0 +1,174 @@
+"""Batch-1 CPU inference of SmolLM2-135M: lmscale vs Hugging Face transformers, in the same run.
+
+Both sides run the same weights: the bundled GGUF loaded by lmscale, and `LlamaForCausalLM` loaded
+from the Hugging Face folder lmscale exports from it (the first greedy tokens are compared as a
+check). Per dtype (fp32, bf16 = weights in bf16 on both sides) and side, two timed calls:
+greedy generation of 1 token (= the prefill of the prompt) and of `--new-tokens` tokens with no
+early stop; decode tokens/s = (new_tokens - 1) / (t_all - t_first). transformers runs its default
+`generate()` (dynamic cache, `do_sample=False`, `min_new_tokens=max_new_tokens`); lmscale runs as
+its `generate` and `chat` verbs do (float32 weights in the decode layout, see `decode_layout_`).
+The sides and dtypes alternate over `--repeats` rounds; medians are reported, with the
+memory-bandwidth ceiling of decoding (bytes of weights read per token / measured read bandwidth).
+
+    python bench/decode_cpu.py --threads 2 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import LlamaForCausalLM
+
+from lmscale.checkpoint import export_hf, load_pretrained
+from lmscale.engine import SamplingParams, generate_ids
+from lmscale.model import Transformer, decode_layout_
+
+MODEL = "smollm2-135m-instruct"
+TEXT = "The history of the printing press begins in the fifteenth century, when "
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_pretrained(MODEL)
+    prompt = (tokenizer.encode(TEXT * 200, add_bos=False) * 2)[: args.prompt_tokens]
+    runners = build_runners(model, args)
+    check_agreement(runners, prompt)
+    results = measure(runners, prompt, args)
+    report(results, model, args)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    return p.parse_args()
+
+
+Runner = Callable[[list[int], int], list[int]]
+
+
+def build_runners(model: Transformer, args: argparse.Namespace) -> dict[tuple[str, str], Runner]:
+    """(side, dtype) -> a function (prompt ids, n new tokens) -> the greedy new ids."""
+    runners = {}
+    with tempfile.TemporaryDirectory() as folder:
+        export_hf(model, None, folder)
+        for name in args.dtypes.split(","):
+            dtype = getattr(torch, name)
+            hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
+            runners["lmscale", name] = lmscale_runner(
+                decode_layout_(copy.deepcopy(model).to(dtype))
+            )
+            runners["transformers", name] = hf_runner(hf)
+    return runners
+
+
+def lmscale_runner(model: Transformer) -> Runner:
+    def run(prompt: list[int], n: int) -> list[int]:
+        return list(generate_ids(model, prompt, SamplingParams(temperature=0, max_new_tokens=n)))
+
+    return run
+
+
+def hf_runner(model: LlamaForCausalLM) -> Runner:
+    @torch.inference_mode()
+    def run(prompt: list[int], n: int) -> list[int]:
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+            min_new_tokens=n, pad_token_id=0,
+        )  # fmt: skip
+        return out[0, len(prompt) :].tolist()
+
+    return run
+
+
+def check_agreement(runners: dict, prompt: list[int], n: int = 16) -> None:
+    """Print how many of the first n greedy tokens each dtype's two sides share."""
+    for dtype in sorted({d for _, d in runners}):
+        ours, theirs = (runners[side, dtype](prompt, n) for side in ("lmscale", "transformers"))
+        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), n)
+        print(f"{dtype}: first {same}/{n} greedy tokens agree ({ours[:6]}...)")
+
+
+def measure(runners: dict, prompt: list[int], args: argparse.Namespace) -> dict:
+    """Median prefill and decode tokens/s per (side, dtype), the runs interleaved."""
+    times = {key: {"first": [], "all": []} for key in runners}
+    for _ in range(args.repeats):
+        for key, run in runners.items():
+            for kind, n in (("first", 1), ("all", args.new_tokens)):
+                start = time.perf_counter()
+                out = run(prompt, n)
+                times[key][kind].append(time.perf_counter() - start)
+                assert len(out) == n, (key, len(out))
+    results = {}
+    for key, t in times.items():
+        first, full = statistics.median(t["first"]), statistics.median(t["all"])
+        results[key] = {
+            "prefill": args.prompt_tokens / first,
+            "decode": (args.new_tokens - 1) / (full - first),
+        }
+    return results
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of summing a `gib` GiB float32 tensor (a read-bound pass), median of repeats."""
+    data = torch.ones(int(gib * 2**30) // 4)
+    data.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        data.sum()
+        times.append(time.perf_counter() - start)
+    return data.numel() * 4 / statistics.median(times)
+
+
+def bytes_per_token(model: Transformer, element_size: int) -> int:
+    """Weight bytes one decode step reads: every matrix once, but one row of the embedding table.
+
+    With tied embeddings the output projection reads the whole table, so it counts once in full
+    (as the output) plus one row (as the embedding).
+    """
+    params = {id(p): p for p in model.parameters()}  # tied weights count once
+    total = sum(p.numel() for p in params.values())
+    table = model.tok_embeddings.weight
+    row = table.shape[1]
+    elements = total + row if model.config.tie_embeddings else total - table.numel() + row
+    return elements * element_size
+
+
+def report(results: dict, model: Transformer, args: argparse.Namespace) -> None:
+    bandwidth = read_bandwidth()
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{args.threads} threads, prompt {args.prompt_tokens}, new {args.new_tokens}, "
+          f"medians of {args.repeats}")  # fmt: skip
+    print(f"read bandwidth (sum over 1 GiB fp32): {bandwidth / 1e9:.1f} GB/s")
+    print("| dtype | lmscale prefill tok/s | transformers prefill tok/s | ratio | lmscale decode"
+          " tok/s | transformers decode tok/s | ratio | decode ceiling tok/s |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype in args.dtypes.split(","):
+        ours, theirs = results["lmscale", dtype], results["transformers", dtype]
+        weight_bytes = bytes_per_token(
+            model, torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        )
+        ceiling = bandwidth / weight_bytes
+        print(
+            f"| {dtype} | {ours['prefill']:.0f} | {theirs['prefill']:.0f} "
+            f"| {ours['prefill'] / theirs['prefill']:.2f}x | {ours['decode']:.1f} "
+            f"| {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f}x "
+            f"| {ceiling:.0f} ({weight_bytes / 1e6:.0f} MB/token) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
