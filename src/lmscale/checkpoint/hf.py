@@ -28,7 +28,7 @@ from lmscale.checkpoint.hf_weights import (
     normalize_name,
     to_hf_state,
 )
-from lmscale.checkpoint.load import _dtype, build_model, empty_init
+from lmscale.checkpoint.load import as_dtype, build_model, check_state, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 from lmscale.tokenizer import Tokenizer
@@ -83,7 +83,7 @@ def load_hf_model(
     if config.tie_embeddings:  # some checkpoints store the tied head anyway
         hf_state.pop("lm_head.weight", None)
     _check_tensors(hf_state, config, directory)
-    target = _dtype(dtype) or next(iter(hf_state.values())).dtype
+    target = as_dtype(dtype) or next(iter(hf_state.values())).dtype
     state = {k: v.to(target) for k, v in from_hf_state(hf_state, config).items()}
     return build_model(config, state, device)
 
@@ -109,7 +109,7 @@ def export_hf(
     out_dir = Path(out_dir)
     hf_config = model_config_to_hf_config(model.config)
     tensors = to_hf_state(model.state_dict(), model.config)
-    target = _dtype(dtype) or model.tok_embeddings.weight.dtype
+    target = as_dtype(dtype) or model.tok_embeddings.weight.dtype
     tensors = {k: v.detach().to(device="cpu", dtype=target) for k, v in tensors.items()}
     hf_config["dtype"] = hf_config["torch_dtype"] = str(target).removeprefix("torch.")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -182,21 +182,7 @@ def _check_tensors(hf_state: dict[str, Tensor], config: ModelConfig, directory: 
     """Raise LmscaleError unless the names and shapes are exactly what `config` needs."""
     with empty_init():  # names and shapes only
         expected = to_hf_state(Transformer(config).state_dict(), config)
-    missing = sorted(expected.keys() - hf_state.keys())
-    unexpected = sorted(hf_state.keys() - expected.keys())
-    if missing or unexpected:
-        raise LmscaleError(
-            f"weights in {directory} do not fit config.json: "
-            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    for name, tensor in expected.items():
-        if hf_state[name].shape != tensor.shape:
-            raise LmscaleError(
-                f"tensor '{name}' in {directory} has shape {tuple(hf_state[name].shape)}, "
-                f"config.json implies {tuple(tensor.shape)}"
-            )
-        if not hf_state[name].is_floating_point():
-            raise LmscaleError(f"tensor '{name}' in {directory} is {hf_state[name].dtype}")
+    check_state(expected, hf_state, str(directory))
 
 
 def _with_token_ids(hf_config: dict, tokenizer: Tokenizer | None) -> dict:

@@ -32,9 +32,10 @@ def load_model(
     checkpoint = load_checkpoint(source, with_train_state=False)
     config = _model_config(checkpoint)
     with empty_init():
-        _check_state(Transformer(config), checkpoint.model_state, checkpoint.path)
+        expected = Transformer(config).state_dict()
+    check_state(expected, checkpoint.model_state, str(checkpoint.path / "model.safetensors"))
     # NOTE: a native checkpoint loads as float32 unless asked otherwise, as it always has.
-    model = build_model(config, checkpoint.model_state, device, _dtype(dtype) or torch.float32)
+    model = build_model(config, checkpoint.model_state, device, as_dtype(dtype) or torch.float32)
     return model, checkpoint
 
 
@@ -67,7 +68,7 @@ def build_model(
     if config.tie_embeddings:  # assign replaced the shared parameter by two separate ones
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device="cpu")
-    return model.to(device=device, dtype=_dtype(dtype)).eval()
+    return model.to(device=device, dtype=as_dtype(dtype)).eval()
 
 
 @contextmanager
@@ -102,25 +103,32 @@ def _model_config(checkpoint: Checkpoint) -> ModelConfig:
         raise LmscaleError(f"bad 'model' section in {config_file}: {error}") from None
 
 
-def _check_state(model: Transformer, state: dict[str, Tensor], path: Path) -> None:
-    """Raise LmscaleError unless `state` has exactly the model's keys and shapes."""
-    expected = model.state_dict()
+def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
+    """Raise LmscaleError unless `state` has exactly the names and shapes of `expected`.
+
+    Args:
+        expected: the tensors the model needs (values unused: meta tensors do).
+        state: the tensors read from a file.
+        source: what to name in the message (a file or folder).
+    """
     missing = sorted(expected.keys() - state.keys())
     unexpected = sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise LmscaleError(
-            f"weights in {path / 'model.safetensors'} do not fit the model: "
+            f"weights in {source} do not fit the model: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     for name, tensor in expected.items():
         if state[name].shape != tensor.shape:
             raise LmscaleError(
-                f"weight '{name}' in {path / 'model.safetensors'} has shape "
-                f"{tuple(state[name].shape)}, the model expects {tuple(tensor.shape)}"
+                f"tensor '{name}' in {source} has shape {tuple(state[name].shape)}, "
+                f"the model expects {tuple(tensor.shape)}"
             )
+        if not state[name].is_floating_point():
+            raise LmscaleError(f"tensor '{name}' in {source} is {state[name].dtype}, not a float")
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """Accept a torch dtype or its name."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
