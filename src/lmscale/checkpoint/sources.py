@@ -53,7 +53,8 @@ def load_pretrained(
     model, checkpoint = load_model(path, device=device, dtype=dtype)
     if checkpoint.tokenizer_json is None:
         raise LmscaleError(f"{checkpoint.path} holds no tokenizer.json")
-    return model, Tokenizer.from_json(checkpoint.tokenizer_json)
+    settings = checkpoint.config.get("tokenizer", {})  # absent in checkpoints of older runs
+    return model, Tokenizer.from_json(checkpoint.tokenizer_json, **settings)
 
 
 def _load_gguf(path: Path, device, dtype) -> tuple[Transformer, Tokenizer]:

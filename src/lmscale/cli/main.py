@@ -216,7 +216,7 @@ def _eval_tokens(args: argparse.Namespace, tokenizer):
             raise LmscaleError(f"text file not found: {path}")
         return np.asarray(tokenizer.encode(path.read_text()), dtype=np.int64)
     dataset = TokenDataset(args.data, args.split)
-    if Path(dataset.tokenizer_path).read_text() != tokenizer.to_json():
+    if json.loads(Path(dataset.tokenizer_path).read_text()) != json.loads(tokenizer.to_json()):
         raise LmscaleError(f"{args.data} was tokenized with another tokenizer than the model's")
     return dataset.tokens
 

@@ -23,6 +23,7 @@ from lmscale.config import to_dict
 from lmscale.data import Loader, TokenDataset
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
+from lmscale.tokenizer import Tokenizer
 from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
 from lmscale.train.loss import count_targets, lm_loss_sum
@@ -77,7 +78,7 @@ class Run:
     loader: Loader
     train_data: TokenDataset
     val_data: TokenDataset | None
-    tokenizer_json: str
+    tokenizer: Tokenizer
     context: int
     step: int = 0
     step_times: list[float] = field(default_factory=list)
@@ -152,7 +153,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     loader = Loader(train_data, cfg.batch_size, context, seed=config.data.seed)
     run = Run(
         config, run_dir, device, model, optimizer, loader, train_data, val_data,
-        Path(train_data.tokenizer_path).read_text(), context,
+        Tokenizer.load(train_data.tokenizer_path), context,
     )  # fmt: skip
     if ckpt_path is not None:
         _restore(run, ckpt_path)
@@ -218,10 +219,16 @@ def save(run: Run) -> Path:
         "loader": run.loader.state_dict(),
         "rng": _rng_state(),
     }
-    config = {"model": to_dict(run.config.model), "run": to_dict(run.config)}
+    # NOTE: the tokenizer's settings (special tokens, chat template) travel in config.json:
+    # tokenizer.json itself has no place for them.
+    config = {
+        "model": to_dict(run.config.model),
+        "run": to_dict(run.config),
+        "tokenizer": run.tokenizer.settings,
+    }
     return save_checkpoint(
         run.run_dir / CHECKPOINTS, run.step, run.model.state_dict(), config,
-        tokenizer_json=run.tokenizer_json, train_state=train_state,
+        tokenizer_json=run.tokenizer.to_json(), train_state=train_state,
         keep=run.config.train.keep_checkpoints,
     )  # fmt: skip
 
