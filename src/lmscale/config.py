@@ -154,3 +154,35 @@ def _toml_value(value: Any) -> str:
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of dataclass `cls` (the string literal after it).
+
+    Python keeps no attribute docstrings at run time, so they are read from the class's source.
+    """
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    docs = {}
+    for field_node, doc_node in zip(body, body[1:], strict=False):
+        is_doc = isinstance(doc_node, ast.Expr) and isinstance(doc_node.value, ast.Constant)
+        if isinstance(field_node, ast.AnnAssign) and is_doc:
+            docs[field_node.target.id] = " ".join(str(doc_node.value.value).split())
+    return docs
+
+
+def describe_options(section: str, cls: type, defaults: Any) -> list[str]:
+    """One help line per field: `--section.field (default X): docstring`."""
+    docs = field_docs(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = getattr(defaults, f.name)
+        lines.append(f"  --{section}.{f.name} (default {default}): {docs.get(f.name, '')}".rstrip())
+    return lines

@@ -21,8 +21,16 @@ EXIT_USER_ERROR = 2
 class Parser(argparse.ArgumentParser):
     """argparse, with usage errors on one line (argparse itself prints the usage first)."""
 
+    epilog_factory: Callable[[], str] | None = None
+    """Builds the epilog when help is shown (it may import torch; plain parsing must not)."""
+
     def error(self, message: str):
         raise LmscaleError(f"{self.prog}: {message}")
+
+    def format_help(self) -> str:
+        if self.epilog_factory is not None:
+            self.epilog = self.epilog_factory()
+        return super().format_help()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,10 +116,22 @@ def train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
-    p.epilog = (
-        "Any config field can be overridden: --model.dim 256 --train.max_steps 100 --data.path DIR"
-    )
+    p.epilog_factory = _config_help
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(accepts_overrides=True)
+
+
+def _config_help() -> str:
+    """Every config field, so that `lmscale train --help` lists all there is to set."""
+    from lmscale.config import describe_options
+    from lmscale.model import ModelConfig
+    from lmscale.train.config import DataConfig, TrainConfig
+
+    lines = ["config fields (in the TOML file, or on the command line as --section.field VALUE):"]
+    lines.append("  [model] preset = NAME picks a shape; the model fields below replace its values")
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+        lines += describe_options(section, cls, cls())
+    return "\n".join(lines)
 
 
 def train(args: argparse.Namespace, overrides: list[str]) -> None:

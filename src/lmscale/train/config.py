@@ -51,7 +51,9 @@ class TrainConfig:
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on biases or norms)."""
     beta1: float = 0.9
+    """AdamW's first-moment decay."""
     beta2: float = 0.95
+    """AdamW's second-moment decay."""
     momentum: float = 0.9
     """SGD momentum."""
     grad_clip: float = 1.0
