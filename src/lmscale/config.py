@@ -8,6 +8,7 @@ type and naming the option the user typed when a value does not fit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import tomllib
 import types
 import typing
@@ -69,6 +70,18 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise LmscaleError(f"{path}: invalid TOML: {e}") from None
+
+
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file that must hold an object; an unreadable or other file is a one-line error."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LmscaleError(f"cannot read {path}: {err}") from None
+    if not isinstance(data, dict):
+        raise LmscaleError(f"{path} does not hold a JSON object")
+    return data
 
 
 def parse_overrides(args: list[str]) -> dict[str, dict[str, str]]:

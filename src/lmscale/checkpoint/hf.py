@@ -29,6 +29,7 @@ from lmscale.checkpoint.hf_weights import (
     to_hf_state,
 )
 from lmscale.checkpoint.load import as_dtype, build_model, check_state, empty_init
+from lmscale.config import read_json_object
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 from lmscale.tokenizer import Tokenizer
@@ -125,13 +126,7 @@ def _read_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
         raise LmscaleError(f"{directory} is not a Hugging Face model folder: no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LmscaleError(f"cannot read {path}: {err}") from None
-    if not isinstance(config, dict):
-        raise LmscaleError(f"{path} does not hold a JSON object")
-    return config
+    return read_json_object(path)
 
 
 def _weight_files(directory: Path) -> dict[Path, list[str] | None]:

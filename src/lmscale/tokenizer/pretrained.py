@@ -17,6 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
+from lmscale.config import read_json_object
 from lmscale.errors import LmscaleError
 
 SPECIAL_KEYS = ("bos_token", "eos_token", "pad_token")
@@ -104,15 +105,8 @@ def _post_processor_adds(hf: HFTokenizer, bos: str | None) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LmscaleError(f"cannot read {path}: {err}") from None
-    if not isinstance(data, dict):
-        raise LmscaleError(f"{path} does not hold a JSON object")
-    return data
+    """The object in an optional JSON file ({} when the file is absent)."""
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _write_json(path: Path, data: dict) -> None:
