@@ -91,8 +91,29 @@ def test_resume_rejects_other_settings(dataset):
     state = Loader(dataset, 4, 16, seed=7).state_dict()
     with pytest.raises(LmscaleError, match="seed"):
         Loader(dataset, 4, 16, seed=8).load_state_dict(state)
-    with pytest.raises(LmscaleError, match="global_batch"):
-        Loader(dataset, 2, 16, seed=7).load_state_dict(state)
+    with pytest.raises(LmscaleError, match="context"):
+        Loader(dataset, 4, 8, seed=7).load_state_dict(state)
+    served = Loader(dataset, 4, 16, seed=7)
+    _batches(served, 5)  # 20 windows: not whole batches of 3
+    with pytest.raises(LmscaleError, match="global batches of 3"):
+        Loader(dataset, 3, 16, seed=7).load_state_dict(served.state_dict())
+
+
+def test_resume_at_another_world_size_serves_the_same_windows(dataset):
+    """Saved by one rank with batch 4, resumed by 2 ranks with batch 2 (or 4 ranks with batch 1)."""
+    single = Loader(dataset, 4, 16, seed=7)
+    _batches(single, 3)
+    state = single.state_dict()
+    expected = [inputs for inputs, _ in _batches(single, 6)]
+    for world in (2, 4):
+        ranks = [
+            Loader(dataset, 4 // world, 16, seed=7, rank=r, world_size=world) for r in range(world)
+        ]
+        for loader in ranks:
+            loader.load_state_dict(state)
+        for want in expected:
+            got = torch.cat([loader.next_batch()[0] for loader in ranks])
+            assert torch.equal(got, want)
 
 
 def test_epoch_rollover(dataset):

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from lmscale.checkpoint.sharded import is_sharded, read_sharded_model_state
 from lmscale.checkpoint.state import flatten_state, unflatten_state
 from lmscale.errors import LmscaleError
 
@@ -77,9 +78,9 @@ def save_checkpoint(
         raise LmscaleError(f"keep must be at least 1, got {keep}")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _clear_leftovers(directory)
+    clear_leftovers(directory)
     name = f"step_{step:08d}"
-    tmp = directory / f"{_TMP_PREFIX}{name}-{os.getpid()}"
+    tmp = temp_checkpoint_dir(directory, step)
     tmp.mkdir()
     try:
         _write_contents(tmp, step, model_state, config, tokenizer_json, train_state)
@@ -87,7 +88,17 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # e.g. a config that is not JSON-able
         raise
-    final = directory / name
+    return publish_checkpoint(tmp, directory / name, keep)
+
+
+def temp_checkpoint_dir(directory: Path, step: int, tag: str | int | None = None) -> Path:
+    """Where a save of `step` is written before `publish_checkpoint` renames it into place."""
+    return directory / f"{_TMP_PREFIX}step_{step:08d}-{os.getpid() if tag is None else tag}"
+
+
+def publish_checkpoint(tmp: Path, final: Path, keep: int | None) -> Path:
+    """Rename the finished, fsynced `tmp` to `final` atomically; keep the newest `keep`."""
+    directory = final.parent
     old = _move_aside(final, _OLD_PREFIX) if final.exists() else None
     os.replace(tmp, final)
     _fsync_dir(directory)
@@ -125,7 +136,11 @@ def resolve_checkpoint(source: str | Path) -> Path:
         The checkpoint directory.
     """
     source = Path(source)
-    if _STEP_DIR.match(source.name) or (source / "model.safetensors").exists():
+    if (
+        _STEP_DIR.match(source.name)
+        or (source / "model.safetensors").exists()
+        or is_sharded(source)
+    ):
         if source.is_dir():
             return source
     elif source.is_dir():
@@ -149,11 +164,16 @@ def load_checkpoint(source: str | Path, with_train_state: bool = True) -> Checkp
     config = _read_json(path / "config.json")
     if not isinstance(config, dict):
         raise LmscaleError(f"{path / 'config.json'} must hold a JSON object")
-    model_state, metadata = _read_tensors(path / "model.safetensors")
-    step = _parse_step(metadata, path)
     tokenizer_file = path / "tokenizer.json"
     tokenizer_json = tokenizer_file.read_text(encoding="utf-8") if tokenizer_file.exists() else None
     train_state = None
+    if is_sharded(path):  # written by a distributed run: weights gathered from the DCP shards
+        model_state = read_sharded_model_state(path)
+        train_state = _read_json(path / "train_state.json")
+        step = int(train_state.get("step", _parse_step({}, path)))
+        return Checkpoint(path, step, config, model_state, tokenizer_json, train_state)
+    model_state, metadata = _read_tensors(path / "model.safetensors")
+    step = _parse_step(metadata, path)
     if with_train_state and (path / "train_state.json").exists():
         tensors, _ = _read_tensors(path / "train_state.safetensors")
         train_state = unflatten_state(_read_json(path / "train_state.json"), tensors)
@@ -170,20 +190,20 @@ def _write_contents(
 ) -> None:
     """Write and fsync every file of a checkpoint into `folder`."""
     _write_tensors(folder / "model.safetensors", model_state, {_STEP_KEY: str(step)})
-    _write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
     if tokenizer_json is not None:
-        _write_text(folder / "tokenizer.json", tokenizer_json)
+        write_text(folder / "tokenizer.json", tokenizer_json)
     if train_state is not None:
         skeleton, tensors = flatten_state(train_state)
         _write_tensors(folder / "train_state.safetensors", tensors, {})
-        _write_text(folder / "train_state.json", json.dumps(skeleton) + "\n")
+        write_text(folder / "train_state.json", json.dumps(skeleton) + "\n")
 
 
 def _write_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
     """Save tensors to safetensors: on the CPU, contiguous, shared storage stored once."""
     unique, aliases = _dedupe(tensors)
     save_file(unique, path, metadata=metadata | {_ALIASES_KEY: json.dumps(aliases)})
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _dedupe(tensors: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -244,7 +264,7 @@ def _parse_step(metadata: dict[str, str], path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _clear_leftovers(directory: Path) -> None:
+def clear_leftovers(directory: Path) -> None:
     """Remove temp dirs of crashed saves; put back a checkpoint a crash left moved aside."""
     for path in directory.iterdir():
         if path.name.startswith(_OLD_PREFIX):
@@ -266,14 +286,15 @@ def _move_aside(path: Path, prefix: str) -> Path:
     return old
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write and fsync a text file."""
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -116,6 +117,17 @@ def train_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the final summary as JSON")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="train on N processes of this machine (starts torchrun; see --parallel.strategy)",
+    )
+    p.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        help="with --nproc: restart the group this often after a worker dies (it resumes)",
+    )
     p.epilog_factory = _config_help
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.set_defaults(accepts_overrides=True)
@@ -125,11 +137,16 @@ def _config_help() -> str:
     """Every config field, so that `lmscale train --help` lists all there is to set."""
     from lmscale.config import describe_options
     from lmscale.model import ModelConfig
+    from lmscale.parallel import ParallelConfig
     from lmscale.train.config import DataConfig, TrainConfig
 
     lines = ["config fields (in the TOML file, or on the command line as --section.field VALUE):"]
     lines.append("  [model] preset = NAME picks a shape; the model fields below replace its values")
-    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig)):
+    sections = (
+        ("model", ModelConfig), ("data", DataConfig), ("train", TrainConfig),
+        ("parallel", ParallelConfig),
+    )  # fmt: skip
+    for section, cls in sections:
         lines += describe_options(section, cls, cls())
     return "\n".join(lines)
 
@@ -146,10 +163,17 @@ def train(args: argparse.Namespace, overrides: list[str]) -> None:
         config = load_run_config(args.config, overrides)
     else:
         raise LmscaleError("--config is required (or --resume --out RUN_DIR)")
+    if args.out is None and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise LmscaleError("--out is required under torchrun: every rank must name the same run")
     out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if args.nproc is not None:
+        _launch_training(args, out, overrides)
+        return
     summary = run_training(
         config, out, resume=args.resume, progress=not args.no_progress and not args.json
     )
+    if not summary.is_main:  # rank 0 of a distributed run reports for all
+        return
     result = summary.as_dict()
     sample = _sample_from(summary.checkpoint, args.sample_tokens) if summary.checkpoint else ""
     if args.json:
@@ -167,6 +191,22 @@ def train(args: argparse.Namespace, overrides: list[str]) -> None:
         print(f"checkpoint: {summary.checkpoint}")
     if sample:
         print("sample:\n" + sample)
+
+
+def _launch_training(args: argparse.Namespace, out: str, overrides: list[str]) -> None:
+    """Run this same `train` command on `--nproc` processes through torchrun."""
+    from lmscale.parallel.launch import launch
+
+    train_args = ["--out", out, "--sample-tokens", str(args.sample_tokens)]
+    train_args += ["--config", args.config] if args.config else []
+    flags = {"--resume": args.resume, "--no-progress": args.no_progress, "--json": args.json}
+    train_args += [flag for flag, on in flags.items() if on]
+    code = launch(args.nproc, train_args + overrides, args.max_restarts)
+    if code:
+        raise LmscaleError(
+            f"distributed training failed (torchrun exit code {code}); the failing rank's "
+            "error is above"
+        )
 
 
 def _sample_from(checkpoint: Path, n_tokens: int) -> str:

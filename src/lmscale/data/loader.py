@@ -120,14 +120,25 @@ class Loader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from `state_dict()`: the following batches are those that would have come."""
-        for key in ("seed", "context", "global_batch"):
+        """Continue from `state_dict()`: the following batches are those that would have come.
+
+        The saving loader may have had another world size: what carries over is the number of
+        windows of the epoch already served, which must fill whole global batches of this one.
+        """
+        for key in ("seed", "context"):
             if state.get(key) != getattr(self, key):
                 raise LmscaleError(
                     f"loader state has {key}={state.get(key)!r}, this loader has "
                     f"{getattr(self, key)!r}; resume with the same data settings"
                 )
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        served = int(state["position"]) * int(state["global_batch"])
+        if served % self.global_batch:
+            raise LmscaleError(
+                f"the saved loader had served {served} windows of its epoch, not a whole number "
+                f"of this loader's global batches of {self.global_batch}; resume with a global "
+                "batch that divides it"
+            )
+        self.epoch, self.position = int(state["epoch"]), served // self.global_batch
 
     def epoch_starts(self, epoch: int) -> np.ndarray:
         """Start positions of epoch `epoch`'s windows, in the order they are served."""

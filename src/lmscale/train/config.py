@@ -1,4 +1,4 @@
-"""The run configuration: one object with sections `model`, `data` and `train`.
+"""The run configuration: one object with sections `model`, `data`, `train` and `parallel`.
 
 Loaded from a TOML file in `configs/`, with any field overridable as `--section.field value`,
 and saved whole into the run directory as `config.toml`.
@@ -14,6 +14,7 @@ from typing import Any, Literal
 from lmscale.config import from_dict, parse_overrides, read_toml, to_dict, to_toml
 from lmscale.errors import LmscaleError
 from lmscale.model import PRESETS, ModelConfig
+from lmscale.parallel.config import ParallelConfig
 
 
 @dataclass
@@ -35,9 +36,11 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps to run."""
     batch_size: int = 16
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch on each data-parallel rank."""
     grad_accum_steps: int = 1
-    """Micro-batches per optimizer step."""
+    """Micro-batches per optimizer step (derived instead when global_batch_size is set)."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; fixes the run's batch at any world size."""
     context: int | None = None
     """Tokens per training sequence; None means the model's max_seq_len."""
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -90,11 +93,27 @@ class TrainConfig:
                 raise LmscaleError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.lr <= 0:
             raise LmscaleError(f"train.lr must be positive, got {self.lr}")
+        if self.global_batch_size is not None and self.global_batch_size <= 0:
+            raise LmscaleError(
+                f"train.global_batch_size must be positive, got {self.global_batch_size}"
+            )
         if self.context is not None and self.context < 2:
             raise LmscaleError(f"train.context must be at least 2, got {self.context}")
         for name in ("warmup_steps", "eval_interval", "checkpoint_interval", "grad_clip"):
             if getattr(self, name) < 0:
                 raise LmscaleError(f"train.{name} must not be negative, got {getattr(self, name)}")
+
+    def accumulation_steps(self, dp_size: int) -> int:
+        """Micro-batches per step on each of `dp_size` data-parallel ranks."""
+        if self.global_batch_size is None:
+            return self.grad_accum_steps
+        per_pass = self.batch_size * dp_size
+        if self.global_batch_size % per_pass:
+            raise LmscaleError(
+                f"train.global_batch_size {self.global_batch_size} is not a multiple of "
+                f"batch_size {self.batch_size} x {dp_size} data-parallel ranks"
+            )
+        return self.global_batch_size // per_pass
 
 
 @dataclass
@@ -104,6 +123,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_toml(self) -> str:
         return to_toml({f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)})

@@ -45,6 +45,7 @@ def windows(tokens: np.ndarray, context: int, max_tokens: int | None = None) -> 
 def evaluate(
     model: nn.Module, tokens: np.ndarray, context: int, batch_size: int = 8,
     autocast: contextlib.AbstractContextManager | None = None, max_tokens: int | None = None,
+    length_multiple: int = 1,
 ) -> EvalResult:  # fmt: skip
     """Mean NLL of `model` on a token stream, by the definition in this module's docstring.
 
@@ -55,6 +56,8 @@ def evaluate(
         batch_size: windows per forward pass.
         autocast: a context manager for mixed precision, or None.
         max_tokens: score only the first windows covering this many tokens.
+        length_multiple: pad inputs on the right to a multiple of this (sequence-parallel
+            models split the sequence evenly); causal attention keeps the scores unchanged.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -64,8 +67,10 @@ def evaluate(
     try:
         for full in _batches_of_equal_length(chunks, batch_size):
             batch = torch.from_numpy(np.stack(full).astype(np.int64)).to(device)
+            inputs = batch[:, :-1]
+            pad = -inputs.shape[1] % length_multiple
             with autocast or contextlib.nullcontext():
-                logits = model(batch[:, :-1])
+                logits = model(F.pad(inputs, (0, pad)) if pad else inputs)[:, : inputs.shape[1]]
             nll = F.cross_entropy(
                 logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
             )

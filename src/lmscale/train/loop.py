@@ -1,4 +1,11 @@
-"""The training loop: one loop for every run, on one process.
+"""The training loop: one loop for every run, on one process or many.
+
+On many processes (torchrun), `lmscale.parallel` applies the configured strategy and the loop
+stays the same: each data-parallel rank reads its own rows of every global batch, gradient
+communication is skipped on all but the last micro-batch, the loss and token counts are summed
+across ranks, and only rank 0 prints and writes logs. Distributed runs checkpoint with DCP
+(any world size can resume them); after a killed worker torchrun restarts the group, which
+resumes from the latest checkpoint.
 
 A run directory holds `config.toml`, `metrics.jsonl`, TensorBoard events and `checkpoints/`.
 Resuming restores weights, optimizer, loader position and RNG state, so a run stopped at step N
@@ -7,29 +14,50 @@ and resumed reaches the same weights as one never stopped.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from lmscale.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmscale.checkpoint.sharded import is_sharded
 from lmscale.config import to_dict
 from lmscale.data import Loader, TokenDataset
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
+from lmscale.parallel import (
+    Ranks,
+    destroy_process_group,
+    device_for,
+    init_process_group,
+    ranks_from_env,
+    restart_count,
+)
+from lmscale.parallel.checkpoint import load_full_state, load_sharded, save_sharded
+from lmscale.parallel.faults import Heartbeat
+from lmscale.parallel.grads import clip_grad_norm_
+from lmscale.parallel.parallelize import Parallel, parallelize
 from lmscale.tokenizer import Tokenizer
 from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
-from lmscale.train.loss import count_targets, lm_loss_sum
+from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.optim import build_optimizer, lr_at
-from lmscale.train.precision import autocast, grad_scaler, peak_memory_bytes, resolve_device
+from lmscale.train.precision import (
+    DTYPES,
+    autocast,
+    grad_scaler,
+    peak_memory_bytes,
+    resolve_device,
+)
 
 CHECKPOINTS = "checkpoints"
 
@@ -46,10 +74,12 @@ class TrainSummary:
     steps: int
     loss: float
     tokens_per_s: float
-    """Median training throughput over the steps of this session."""
+    """Median training throughput (all ranks together) over the steps of this session."""
     val: EvalResult | None = None
     unigram: EvalResult | None = None
     checkpoint: Path | None = None
+    is_main: bool = True
+    """False on every rank but 0 of a distributed run, which alone reports."""
 
     def as_dict(self) -> dict:
         out = {"run_dir": str(self.run_dir), "steps": self.steps, "loss": self.loss}
@@ -73,17 +103,27 @@ class Run:
     run_dir: Path
     device: torch.device
     model: Transformer
-    """The plain model: what checkpoints save."""
+    """The model under lmscale's names (sharded in place under FSDP/TP): what checkpoints save."""
     optimizer: torch.optim.Optimizer
     loader: Loader
     train_data: TokenDataset
     val_data: TokenDataset | None
     tokenizer: Tokenizer
     context: int
+    parallel: Parallel
+    """The strategy applied: `parallel.model` is what the loop calls (DDP's wrapper, say)."""
+    ranks: Ranks = field(default_factory=Ranks)
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on each rank."""
+    heartbeat: Heartbeat | None = None
     step: int = 0
     step_times: list[float] = field(default_factory=list)
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss_sum
     """Summed loss of a micro-batch: `lm_loss_sum`, compiled (with the model inside) if asked."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.is_main
 
 
 def train(
@@ -91,9 +131,10 @@ def train(
 ) -> TrainSummary:
     """Train `config` into `run_dir` (resuming from its latest checkpoint if `resume`)."""
     run = setup(config, Path(run_dir), resume)
-    metrics = MetricsLog(run.run_dir)
+    progress = progress and run.is_main
+    metrics = MetricsLog(run.run_dir) if run.is_main else None
     cfg = run.config.train
-    unigram = _unigram_baseline(run)
+    unigram = _unigram_baseline(run) if run.is_main else None
     if unigram and progress:
         tqdm.write(
             f"unigram baseline: val loss {unigram.loss:.4f} | val ppl {unigram.perplexity:.2f}"
@@ -101,10 +142,10 @@ def train(
     bar = tqdm(
         total=cfg.max_steps, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True
     )
-    val, ckpt, loss = None, None, math.nan
+    val, ckpt, loss, finished = None, None, math.nan, False
     try:
         while run.step < cfg.max_steps:
-            loss = train_step(run)
+            loss = _explained(train_step, run)
             bar.update(1)
             bar.set_postfix(
                 loss=f"{loss:.4f}", tok_s=f"{_tokens_per_step(run) / run.step_times[-1]:,.0f}"
@@ -114,26 +155,40 @@ def train(
             if cfg.eval_interval and run.val_data and (run.step % cfg.eval_interval == 0 or last):
                 val = _evaluate(run, metrics, progress)
             if last or (cfg.checkpoint_interval and run.step % cfg.checkpoint_interval == 0):
-                ckpt = save(run)
+                ckpt = _explained(save, run)
+        finished = True
     finally:
         bar.close()
-        metrics.close()
+        if metrics:
+            metrics.close()
+        _teardown(run, finished)
     median = statistics.median(run.step_times) if run.step_times else math.nan
     tokens_per_s = _tokens_per_step(run) / median if run.step_times else math.nan
     ckpt = ckpt or latest_checkpoint(run.run_dir / CHECKPOINTS)
-    return TrainSummary(run.run_dir, run.step, loss, tokens_per_s, val, unigram, ckpt)
+    return TrainSummary(
+        run.run_dir, run.step, loss, tokens_per_s, val, unigram, ckpt, is_main=run.is_main
+    )
 
 
 def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
-    """Build data, model, optimizer and loader; restore them from the latest checkpoint if resuming."""
+    """Build data, model, optimizer and loader; restore them from the latest checkpoint if resuming.
+
+    Under torchrun this joins the process group and applies `config.parallel`'s strategy. After
+    torchrun restarted the group (a worker died), a run with checkpoints resumes by itself.
+    """
     ckpt_path = latest_checkpoint(run_dir / CHECKPOINTS) if run_dir.exists() else None
+    resume = resume or (restart_count() > 0 and ckpt_path is not None)
     if ckpt_path and not resume:
         raise LmscaleError(
             f"{run_dir} already holds checkpoints: pass --resume, or choose another --out"
         )
     if resume and ckpt_path is None:
         raise LmscaleError(f"nothing to resume: no checkpoint in {run_dir}")
-    device = resolve_device(config.train.device)
+    ranks = ranks_from_env()
+    strategy = config.parallel.resolved_strategy(ranks.world_size)
+    device = device_for(ranks, resolve_device(config.train.device))
+    if strategy != "none":
+        init_process_group(ranks, device, config.parallel.backend, config.parallel.timeout_s)
     train_data = TokenDataset(config.data.path, "train")
     val_data = TokenDataset(config.data.path, "val")
     val_data = val_data if len(val_data) >= 2 else None
@@ -144,22 +199,45 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
         raise LmscaleError(
             f"train.context {context} exceeds model.max_seq_len {config.model.max_seq_len}"
         )
-    torch.manual_seed(config.train.seed)
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
     model = Transformer(config.model).to(device)
     cfg = config.train
+    if cfg.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    parallel = parallelize(
+        model, config.parallel, ranks, device, DTYPES[cfg.dtype],
+        compile_blocks=cfg.compile and strategy != "none",
+    )  # fmt: skip
     optimizer = build_optimizer(
-        model, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), cfg.momentum
-    )
-    loader = Loader(train_data, cfg.batch_size, context, seed=config.data.seed)
+        parallel.module, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
+        cfg.momentum,
+    )  # fmt: skip
+    if context % parallel.sequence_multiple:
+        raise LmscaleError(
+            f"train.context {context} must be a multiple of the tensor-parallel degree "
+            f"{parallel.tp_size} with parallel.sequence_parallel on"
+        )
+    loader = Loader(
+        train_data, cfg.batch_size, context, seed=config.data.seed,
+        rank=parallel.dp_rank, world_size=parallel.dp_size,
+    )  # fmt: skip
     run = Run(
-        config, run_dir, device, model, optimizer, loader, train_data, val_data,
-        Tokenizer.load(train_data.tokenizer_path), context,
+        config, run_dir, device, parallel.module, optimizer, loader, train_data, val_data,
+        Tokenizer.load(train_data.tokenizer_path), context, parallel, ranks,
+        cfg.accumulation_steps(parallel.dp_size),
     )  # fmt: skip
     if ckpt_path is not None:
         _restore(run, ckpt_path)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(config.to_toml())
-    _apply_speedups(run)
+    if run.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(config.to_toml())
+    if parallel.distributed:
+        run.loss_fn = logits_loss_sum  # the fused loss bypasses the wrappers' forward hooks
+        run.heartbeat = Heartbeat(config.parallel.timeout_s)
+        run.heartbeat.beat(run.step)
+    elif cfg.compile:
+        # The model and the fused loss compile as one graph; the plain model stays what is saved.
+        run.loss_fn = torch.compile(lm_loss_sum)
     return run
 
 
@@ -174,18 +252,23 @@ def train_step(run: Run) -> float:
     lr = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    batches = [run.loader.next_batch() for _ in range(cfg.grad_accum_steps)]
-    n_targets = sum(count_targets(targets) for _, targets in batches)
+    parallel = run.parallel
+    batches = [run.loader.next_batch() for _ in range(run.grad_accum)]
+    local_targets = sum(count_targets(targets) for _, targets in batches)
+    n_targets = round(float(parallel.dp_sum(torch.tensor(float(local_targets)))))
     scaler = grad_scaler(run.device, cfg.dtype)
     total = torch.zeros((), device=run.device)
-    for inputs, targets in batches:
+    for i, (inputs, targets) in enumerate(batches):
         inputs, targets = inputs.to(run.device), targets.to(run.device)
-        with autocast(run.device, cfg.dtype):
-            loss_sum = run.loss_fn(run.model, inputs, targets)
-        scaled = loss_sum / n_targets
-        (scaler.scale(scaled) if scaler else scaled).backward()
+        with parallel.gradient_sync(i == len(batches) - 1):
+            with _precision(run):
+                loss_sum = run.loss_fn(parallel.model, inputs, targets)
+            scaled = loss_sum / n_targets
+            if parallel.dp_size > 1:  # DDP and FSDP average gradients over the ranks: undo it
+                scaled = scaled * parallel.dp_size
+            (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss_sum.detach()
-    loss = total.item() / n_targets
+    loss = parallel.dp_sum(total).item() / n_targets
     if not math.isfinite(loss):
         run.optimizer.zero_grad(set_to_none=True)
         saved = latest_checkpoint(run.run_dir / CHECKPOINTS)
@@ -195,14 +278,44 @@ def train_step(run: Run) -> float:
     _optimizer_step(run, scaler)
     run.step += 1
     run.step_times.append(time.perf_counter() - start)
+    if run.heartbeat:
+        run.heartbeat.beat(run.step)
     return loss
+
+
+def _precision(run: Run) -> contextlib.AbstractContextManager:
+    # FSDP's mixed-precision policy casts the parameters itself; autocast on top would be redundant.
+    if run.parallel.mixed_precision:
+        return contextlib.nullcontext()
+    return autocast(run.device, run.config.train.dtype)
+
+
+def _explained(fn: Callable[[Run], Any], run: Run) -> Any:
+    """Call fn(run); a collective that timed out becomes an error naming the ranks behind."""
+    try:
+        return fn(run)
+    except RuntimeError as error:
+        explained = run.heartbeat.explain(error, run.step) if run.heartbeat else None
+        if explained is None:
+            raise
+        raise explained from error
+
+
+def _teardown(run: Run, finished: bool) -> None:
+    if not run.parallel.distributed:
+        return
+    if finished:  # let every rank finish its last save before the group goes away
+        torch.distributed.barrier()
+    destroy_process_group()
 
 
 def _optimizer_step(run: Run, scaler: torch.amp.GradScaler | None) -> None:
     clip = run.config.train.grad_clip
     if scaler:
         scaler.unscale_(run.optimizer)
-    if clip > 0:
+    if clip > 0 and run.parallel.distributed:
+        clip_grad_norm_(run.model.parameters(), clip)  # DTensor-aware
+    elif clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
     if scaler:
         scaler.step(run.optimizer)
@@ -213,7 +326,19 @@ def _optimizer_step(run: Run, scaler: torch.amp.GradScaler | None) -> None:
 
 
 def save(run: Run) -> Path:
-    """Checkpoint everything `--resume` needs to continue exactly."""
+    """Checkpoint everything `--resume` needs to continue exactly (a collective when distributed)."""
+    config = {
+        "model": to_dict(run.config.model),
+        "run": to_dict(run.config),
+        "tokenizer": run.tokenizer.settings,
+    }
+    if run.parallel.distributed:
+        return save_sharded(
+            run.run_dir / CHECKPOINTS, run.step, run.model, run.optimizer, config,
+            run.tokenizer.to_json(), {"loader": run.loader.state_dict(),
+                                      "strategy": run.parallel.strategy},
+            keep=run.config.train.keep_checkpoints,
+        )  # fmt: skip
     train_state = {
         "optimizer": run.optimizer.state_dict(),
         "loader": run.loader.state_dict(),
@@ -221,11 +346,6 @@ def save(run: Run) -> Path:
     }
     # NOTE: the tokenizer's settings (special tokens, chat template) travel in config.json:
     # tokenizer.json itself has no place for them.
-    config = {
-        "model": to_dict(run.config.model),
-        "run": to_dict(run.config),
-        "tokenizer": run.tokenizer.settings,
-    }
     return save_checkpoint(
         run.run_dir / CHECKPOINTS, run.step, run.model.state_dict(), config,
         tokenizer_json=run.tokenizer.to_json(), train_state=train_state,
@@ -234,11 +354,19 @@ def save(run: Run) -> Path:
 
 
 def _restore(run: Run, path: Path) -> None:
+    if is_sharded(path):  # saved by a distributed run, at any world size
+        state = load_sharded(path, run.model, run.optimizer)
+        run.loader.load_state_dict(state["loader"])
+        run.step = int(state["step"])
+        return
     ckpt = load_checkpoint(path)
-    run.model.load_state_dict(ckpt.model_state)
-    run.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+    if run.parallel.distributed:  # a single-process run continued on many processes
+        load_full_state(run.model, run.optimizer, ckpt.model_state, ckpt.train_state["optimizer"])
+    else:
+        run.model.load_state_dict(ckpt.model_state)
+        run.optimizer.load_state_dict(ckpt.train_state["optimizer"])
+        _set_rng_state(ckpt.train_state["rng"])
     run.loader.load_state_dict(ckpt.train_state["loader"])
-    _set_rng_state(ckpt.train_state["rng"])
     run.step = ckpt.step
 
 
@@ -255,15 +383,6 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _apply_speedups(run: Run) -> None:
-    """Activation checkpointing, then compilation, in torchtitan's order."""
-    if run.config.train.activation_checkpointing:
-        apply_activation_checkpointing(run.model)
-    if run.config.train.compile:
-        # The model and the fused loss compile as one graph; the plain model stays what is saved.
-        run.loss_fn = torch.compile(lm_loss_sum)
-
-
 def apply_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block in the backward pass instead of storing its activations.
 
@@ -278,13 +397,13 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 
 def _tokens_per_step(run: Run) -> int:
-    cfg = run.config.train
-    return cfg.batch_size * cfg.grad_accum_steps * run.context
+    """Tokens of one optimizer step, over all data-parallel ranks."""
+    return run.config.train.batch_size * run.grad_accum * run.parallel.dp_size * run.context
 
 
-def _log_step(run: Run, metrics: MetricsLog, loss: float) -> None:
+def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
     cfg = run.config.train
-    if run.step % cfg.log_interval and run.step not in (1, cfg.max_steps):
+    if metrics is None or run.step % cfg.log_interval and run.step not in (1, cfg.max_steps):
         return
     step_time = run.step_times[-1]
     metrics.log(
@@ -294,13 +413,15 @@ def _log_step(run: Run, metrics: MetricsLog, loss: float) -> None:
     )  # fmt: skip
 
 
-def _evaluate(run: Run, metrics: MetricsLog, progress: bool) -> EvalResult:
+def _evaluate(run: Run, metrics: MetricsLog | None, progress: bool) -> EvalResult:
+    # Every rank evaluates (sharded models need all ranks in each forward); rank 0 reports.
     cfg = run.config.train
     result = evaluate(
         run.model, run.val_data.tokens, run.context, cfg.batch_size,
-        autocast(run.device, cfg.dtype), cfg.eval_max_tokens,
+        _precision(run), cfg.eval_max_tokens, run.parallel.sequence_multiple,
     )  # fmt: skip
-    metrics.log(run.step, val_loss=result.loss, val_ppl=result.perplexity)
+    if metrics:
+        metrics.log(run.step, val_loss=result.loss, val_ppl=result.perplexity)
     if progress:
         tqdm.write(f"step {run.step}: val loss {result.loss:.4f} | val ppl {result.perplexity:.2f}")
     return result

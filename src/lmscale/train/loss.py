@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from lmscale.model import Transformer
 from lmscale.train.fused_loss import IGNORE_INDEX, linear_cross_entropy
 
-__all__ = ["IGNORE_INDEX", "count_targets", "lm_loss_sum"]
+__all__ = ["IGNORE_INDEX", "count_targets", "lm_loss_sum", "logits_loss_sum"]
 
 
 def count_targets(targets: Tensor) -> int:
@@ -36,6 +36,15 @@ def lm_loss_sum(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     if isinstance(model, Transformer):  # the fused path: never materialises the logits
         hidden = model.hidden_states(inputs)  # (B, T, dim)
         return linear_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten())
+    return logits_loss_sum(model, inputs, targets)
+
+
+def logits_loss_sum(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+    """`lm_loss_sum` through the model's own forward and full logits.
+
+    Wrapped models (DDP, FSDP, tensor parallel) need this: their hooks run around `forward`, which
+    the fused path goes around.
+    """
     logits = model(inputs)  # (B, T, vocab)
     return F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"

@@ -1,0 +1,32 @@
+"""Starting N training processes on this machine through torchrun (`lmscale train --nproc N`).
+
+The multi-node form is torchrun itself, on every node:
+
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+        -m lmscale.train --config configs/gpt2-124m.toml --parallel.strategy fsdp
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from lmscale.errors import LmscaleError
+
+
+def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 0) -> list[str]:
+    """The torchrun command line running `python -m lmscale.train TRAIN_ARGS` on `nproc` processes."""
+    if nproc < 1:
+        raise LmscaleError(f"--nproc must be positive, got {nproc}")
+    if max_restarts < 0:
+        raise LmscaleError(f"--max-restarts must not be negative, got {max_restarts}")
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+        "-m", "lmscale.train", *train_args,
+    ]  # fmt: skip
+
+
+def launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
+    """Run the training processes to the end; returns torchrun's exit code."""
+    return subprocess.run(torchrun_command(nproc, train_args, max_restarts)).returncode
