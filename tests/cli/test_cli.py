@@ -24,7 +24,8 @@ def test_help_lists_every_verb():
     out = lmscale("--help").stdout
     for verb in ("prepare", "train", "eval", "generate"):
         assert verb in out
-    assert "--train.max_steps" in lmscale("train", "--help").stdout
+    train_help = lmscale("train", "--help").stdout
+    assert "--train.max_steps" in train_help and "--parallel.strategy" in train_help
 
 
 @pytest.mark.parametrize(
@@ -40,6 +41,36 @@ def test_help_lists_every_verb():
         (["eval", "--model", "no/such/run", "--text", "README.md"], "no/such/run"),
         (["generate", "--model", "no/such/run", "--prompt", "hi", "--top-p", "2"], "top-p"),
         (["train"], "--config"),
+        (["train", "--config", "configs/tiny.toml", "--parallel.strategy", "zero3"], "zero3"),
+        (["train", "--config", "configs/tiny.toml", "--nproc", "0"], "--nproc must be positive"),
+        (
+            [
+                "train",
+                "--config",
+                "configs/tiny.toml",
+                "--nproc",
+                "2",
+                "--parallel.strategy",
+                "tp",
+                "--model.n_kv_heads",
+                "1",
+            ],
+            "does not divide model.n_kv_heads = 1",
+        ),  # fmt: skip
+        (
+            [
+                "train",
+                "--config",
+                "configs/tiny.toml",
+                "--nproc",
+                "3",
+                "--parallel.strategy",
+                "fsdp+tp",
+                "--parallel.tp",
+                "2",
+            ],
+            "parallel.tp = 2 does not divide the 3 processes",
+        ),  # fmt: skip
         (["frobnicate"], "invalid choice"),
     ],
 )

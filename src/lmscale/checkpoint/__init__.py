@@ -14,6 +14,7 @@ from lmscale.checkpoint.native import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    save_model_dir,
 )
 from lmscale.checkpoint.registry import BUNDLED_MODELS, resolve_bundled, smollm2_path
 from lmscale.checkpoint.sources import load_pretrained
@@ -40,6 +41,7 @@ __all__ = [
     "resolve_bundled",
     "resolve_checkpoint",
     "save_checkpoint",
+    "save_model_dir",
     "smollm2_path",
     "unflatten_state",
 ]

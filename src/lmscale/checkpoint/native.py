@@ -91,6 +91,29 @@ def save_checkpoint(
     return publish_checkpoint(tmp, directory / name, keep)
 
 
+def save_model_dir(
+    out: str | Path, model_state: dict[str, Tensor], config: dict, tokenizer_json: str | None
+) -> Path:
+    """Write one model (no train state) as a native folder at `out`, atomically.
+
+    The folder loads wherever a checkpoint does (`--model OUT`); an existing `out` is refused.
+    """
+    out = Path(out)
+    if out.exists():
+        raise LmscaleError(f"{out} already exists: choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{_TMP_PREFIX}{out.name}-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        _write_contents(tmp, 0, model_state, config, tokenizer_json, None)
+        _fsync_dir(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def temp_checkpoint_dir(directory: Path, step: int, tag: str | int | None = None) -> Path:
     """Where a save of `step` is written before `publish_checkpoint` renames it into place."""
     return directory / f"{_TMP_PREFIX}step_{step:08d}-{os.getpid() if tag is None else tag}"

@@ -167,6 +167,9 @@ def train(args: argparse.Namespace, overrides: list[str]) -> None:
         raise LmscaleError("--out is required under torchrun: every rank must name the same run")
     out = args.out or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     if args.nproc is not None:
+        from lmscale.parallel.parallelize import check_plan
+
+        check_plan(config.parallel, config.model, args.nproc)
         _launch_training(args, out, overrides)
         return
     summary = run_training(
@@ -380,11 +383,15 @@ def _user_lines(interactive: bool):
 
 # --- export ----------------------------------------------------------------------------------
 
-EXPORT_FORMATS = ("hf",)
+EXPORT_FORMATS = ("hf", "native")
 
 
 def export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("format", help="output format: hf (a Hugging Face transformers folder)")
+    p.add_argument(
+        "format",
+        help="hf (a Hugging Face transformers folder) or native (one lmscale safetensors folder,"
+        " e.g. the gathered weights of a distributed run)",
+    )
     p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument(
@@ -403,11 +410,29 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     if args.dtype not in (None, "float32", "bfloat16", "float16"):
         raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
     model, tokenizer = load_pretrained(args.model)
-    out = export_hf(model, tokenizer, args.out, dtype=args.dtype)
+    if args.format == "native":
+        out = _export_native(model, tokenizer, args.out, args.dtype)
+    else:
+        out = export_hf(model, tokenizer, args.out, dtype=args.dtype)
     if args.json:
         print(json.dumps({"format": args.format, "out": str(out), "model": args.model}))
         return
     print(out)
+
+
+def _export_native(model, tokenizer, out: str, dtype: str | None) -> Path:
+    import torch
+
+    from lmscale.checkpoint import save_model_dir
+    from lmscale.config import to_dict
+
+    state = model.state_dict()
+    if dtype is not None:
+        state = {
+            k: v.to(getattr(torch, dtype)) if v.is_floating_point() else v for k, v in state.items()
+        }
+    config = {"model": to_dict(model.config), "tokenizer": tokenizer.settings}
+    return save_model_dir(out, state, config, tokenizer.to_json())
 
 
 Verb = tuple[Callable[[argparse.ArgumentParser], None], Callable, str]
@@ -417,7 +442,7 @@ VERBS: dict[str, Verb] = {
     "eval": (eval_args, evaluate, "loss and perplexity of a model on data or a text file"),
     "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
     "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
-    "export": (export_args, export, "write a model in another format (hf)"),
+    "export": (export_args, export, "write a model in another format (hf, native)"),
 }
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Telling which rank is at fault when a collective times out.
 
-Every rank posts its step to the job's key-value store (torchrun's TCP store) after each step. A
-rank whose collective fails (gloo/NCCL raise after `parallel.timeout_s`) reads every rank's post:
-the ranks that are behind are the ones that hang or died, and the error names them.
+Every rank posts its step to the job's key-value store (torchrun's TCP store) after each step.
+When a collective fails (gloo raises after `parallel.timeout_s`), each live rank posts that too;
+the ranks that never post a failure are the ones that hang or died, and the error names them
+with the last step they finished.
 """
 
 from __future__ import annotations
@@ -26,38 +27,49 @@ class Heartbeat:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.timeout_s = timeout_s
         self.store = dist.distributed_c10d._get_default_store()
-        self.prefix = f"lmscale/heartbeat/{restart_count()}/"
+        self.prefix = f"lmscale/{restart_count()}/"
 
     def beat(self, step: int) -> None:
-        self.store.set(f"{self.prefix}{self.rank}", f"{step} {time.time():.3f}")
+        """Post that this rank finished `step`."""
+        self.store.set(f"{self.prefix}step/{self.rank}", f"{step} {time.time():.3f}")
 
     def explain(self, error: BaseException, step: int) -> LmscaleError | None:
-        """An error naming the ranks that stayed behind `step`, or None if none did."""
+        """An error naming the ranks that did not take part in the failed collective.
+
+        Every live rank waiting in that collective fails within about the same timeout and posts
+        so; the ranks that post no failure (within the timeout, capped at 10 s) are the ones that
+        hang or died. Returns None when every rank failed alike (nobody to blame).
+        """
         try:
-            posts = {rank: self._read(rank) for rank in range(self.world)}
-        except Exception:  # the store itself is gone (the agent stopped): nothing to tell
+            self.store.set(f"{self.prefix}failed/{self.rank}", str(step))
+            deadline = time.monotonic() + min(self.timeout_s, 10.0)
+            while True:
+                suspects = [r for r in range(self.world) if not self._has(f"failed/{r}")]
+                if not suspects or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            finished = {r: self._last_step(r) for r in suspects}
+        except Exception:  # the store itself is gone (torchrun's agent stopped): nothing to tell
             return None
-        behind = {r: p for r, p in posts.items() if p is None or p[0] < step}
-        if not behind:
+        if not suspects:
             return None
         now = time.time()
         who = ", ".join(
-            f"rank {r} (never posted)" if p is None
-            else f"rank {r} (last finished step {p[0]}, {now - p[1]:.0f} s ago)"
-            for r, p in sorted(behind.items())
+            f"rank {r} (never finished a step)" if post is None
+            else f"rank {r} (last finished step {post[0]}, {now - post[1]:.0f} s ago)"
+            for r, post in finished.items()
         )  # fmt: skip
-        first_line = (
-            str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        )
+        cause = str(error).strip().splitlines()[0][:160] if str(error).strip() else repr(error)
         return CollectiveTimeout(
-            f"rank {self.rank}: a collective of step {step + 1} failed after waiting up to "
-            f"{self.timeout_s:g} s (parallel.timeout_s) for {who}, which hangs or died "
-            f"[{first_line}]"
+            f"rank {self.rank}: step {step + 1} failed: {who} did not join a collective within "
+            f"parallel.timeout_s = {self.timeout_s:g} s; it hangs or died ({cause})"
         )
 
-    def _read(self, rank: int) -> tuple[int, float] | None:
-        key = f"{self.prefix}{rank}"
-        if not self.store.check([key]):
+    def _has(self, key: str) -> bool:
+        return self.store.check([self.prefix + key])
+
+    def _last_step(self, rank: int) -> tuple[int, float] | None:
+        if not self._has(f"step/{rank}"):
             return None
-        step, stamp = self.store.get(key).decode().split()
+        step, stamp = self.store.get(f"{self.prefix}step/{rank}").decode().split()
         return int(step), float(stamp)

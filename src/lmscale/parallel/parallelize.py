@@ -22,12 +22,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from lmscale.model import Transformer
+from lmscale.model import ModelConfig, Transformer
 from lmscale.parallel.comm_hooks import CommCounter, register_comm_hook
 from lmscale.parallel.config import ParallelConfig
-from lmscale.parallel.mesh import build_mesh
+from lmscale.parallel.mesh import build_mesh, mesh_shape
 from lmscale.parallel.runtime import Ranks
-from lmscale.parallel.tensor_parallel import apply_tensor_parallel
+from lmscale.parallel.tensor_parallel import apply_tensor_parallel, check_tp_degree
 
 
 @dataclass
@@ -128,6 +128,15 @@ def parallelize(
     parallel.dp_size = ranks.world_size // parallel.tp_size
     parallel.dp_rank = _dp_rank(mesh, dp_dims)
     return parallel
+
+
+def check_plan(config: ParallelConfig, model: ModelConfig, nproc: int) -> str:
+    """Fail early (before starting processes) on a strategy that cannot run; returns it."""
+    strategy = config.resolved_strategy(nproc)
+    if strategy != "none":
+        shape = mesh_shape(strategy, config, Ranks(0, nproc, 0, nproc))
+        check_tp_degree(model, shape.get("tp", 1))
+    return strategy
 
 
 def _dp_rank(mesh: DeviceMesh, dp_dims: tuple[str, ...]) -> int:

@@ -24,12 +24,12 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lmscale.errors import LmscaleError
-from lmscale.model import Transformer
+from lmscale.model import ModelConfig, Transformer
 
 
 def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Shard `model`'s layers over the 1-D `mesh`, in place."""
-    _check_divisible(model, mesh.size())
+    check_tp_degree(model.config, mesh.size())
     config = model.config
     residual = Shard(1) if sequence_parallel else Replicate()  # layout between blocks
     root = {
@@ -76,8 +76,8 @@ def _block_plan(family: str, residual, sequence_parallel: bool) -> dict:
     return plan
 
 
-def _check_divisible(model: Transformer, tp: int) -> None:
-    config = model.config
+def check_tp_degree(config: ModelConfig, tp: int) -> None:
+    """Tensor parallel splits heads and the MLP width: `tp` must divide them."""
     for name in ("n_heads", "n_kv_heads", "hidden_dim"):
         if getattr(config, name) % tp:
             raise LmscaleError(

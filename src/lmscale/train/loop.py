@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,6 +229,11 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     )  # fmt: skip
     if ckpt_path is not None:
         _restore(run, ckpt_path)
+    if restart_count() and run.is_main:
+        resumed = f"resuming from {ckpt_path}" if ckpt_path else "starting over (no checkpoint)"
+        tqdm.write(
+            f"torchrun restart {restart_count()} after a failed worker: {resumed}", sys.stderr
+        )
     if run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml())
