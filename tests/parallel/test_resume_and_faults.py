@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 from procs import (
-    worker_env,
     check,
     final_weights,
     lmscale_train,
     start_train,
     step_losses,
     tiny_args,
+    worker_env,
     worker_pid,
 )
 
