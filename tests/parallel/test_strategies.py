@@ -5,6 +5,9 @@ import pytest
 import torch
 from procs import check, final_weights, lmscale_train, step_losses, tiny_args
 
+from lmscale.train import load_run_config
+from lmscale.train.metrics import read_metrics
+
 pytestmark = pytest.mark.slow
 
 
@@ -36,6 +39,10 @@ def test_strategy_matches_one_process(case, single, shakespeare_dir, tmp_path):
     )  # fmt: skip
     result = check(lmscale_train(args, nproc=nproc))
     assert result.stdout.count("run: ") == 1  # rank 0 alone reports
+    records = read_metrics(run)
+    if strategy == "ddp":  # every fp32 gradient (a tied embedding once), once per step
+        n_params = load_run_config(run / "config.toml").model.num_params()
+        assert all(r["comm_bytes"] == 4 * n_params for r in records)
     expected, got = step_losses(single), step_losses(run)
     assert len(got) == len(expected) == 8
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)

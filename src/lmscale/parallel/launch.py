@@ -2,12 +2,15 @@
 
 The multi-node form is torchrun itself, on every node:
 
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 \\
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
-        -m lmscale.train --config configs/gpt2-124m.toml --parallel.strategy fsdp
+        -m lmscale.train --config configs/gpt2-124m.toml --out /shared/runs/g124 \\
+        --parallel.strategy fsdp
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -29,4 +32,16 @@ def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 0) -
 
 def launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
     """Run the training processes to the end; returns torchrun's exit code."""
-    return subprocess.run(torchrun_command(nproc, train_args, max_restarts)).returncode
+    return subprocess.run(
+        torchrun_command(nproc, train_args, max_restarts), env=torchrun_env()
+    ).returncode
+
+
+def torchrun_env() -> dict[str, str]:
+    """The environment for torchrun, with restarts made reliable.
+
+    NOTE: by default workers share the rendezvous's TCP store, and a restarted group can read a
+    dead worker's connection keys from the previous attempt and hang in `init_process_group`
+    (pytorch/pytorch#135712). A store per attempt avoids that.
+    """
+    return {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **os.environ}

@@ -117,6 +117,8 @@ class Run:
     grad_accum: int = 1
     """Micro-batches per optimizer step on each rank."""
     heartbeat: Heartbeat | None = None
+    comm_bytes: int | None = None
+    """DDP: bytes this rank handed to gradient all-reduces in the last step."""
     step: int = 0
     step_times: list[float] = field(default_factory=list)
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss_sum
@@ -284,6 +286,8 @@ def train_step(run: Run) -> float:
     _optimizer_step(run, scaler)
     run.step += 1
     run.step_times.append(time.perf_counter() - start)
+    if parallel.comm is not None:
+        run.comm_bytes = parallel.comm.take()
     if run.heartbeat:
         run.heartbeat.beat(run.step)
     return loss
@@ -416,6 +420,7 @@ def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
         run.step, loss=loss, lr=run.optimizer.param_groups[0]["lr"],
         tokens_per_s=_tokens_per_step(run) / step_time, step_time_s=step_time,
         peak_mem_bytes=peak_memory_bytes(run.device),
+        **({"comm_bytes": run.comm_bytes} if run.comm_bytes is not None else {}),
     )  # fmt: skip
 
 
