@@ -1,7 +1,7 @@
 """Run under torchrun by test_memory_and_comm.py: what each rank holds, and what DDP sends.
 
-shard_worker.py shards DATA_DIR OUT_DIR STRATEGY   one step of the real loop; bytes held locally
-shard_worker.py comm DATA_DIR OUT_DIR              DDP gradient bytes per step, per comm hook
+shard_worker.py shards DATA_DIR OUT_DIR STRATEGY DTYPE  one step of the loop; what is held
+shard_worker.py comm DATA_DIR OUT_DIR                    DDP gradient bytes per step, per hook
 """
 
 import json
@@ -32,8 +32,8 @@ def run_for(data_dir: str, *overrides: str):
     return setup(config, Path(tempfile.mkdtemp()) / "run", resume=False)
 
 
-def shards(data_dir: str, strategy: str) -> dict:
-    run = run_for(data_dir, "--parallel.strategy", strategy)
+def shards(data_dir: str, strategy: str, dtype: str) -> dict:
+    run = run_for(data_dir, "--parallel.strategy", strategy, "--train.dtype", dtype)
     run.optimizer.zero_grad = lambda set_to_none=True: None  # keep the step's gradients to count
     train_step(run)
     params = {id(p): p for p in run.model.parameters()}.values()
@@ -45,6 +45,8 @@ def shards(data_dir: str, strategy: str) -> dict:
             if k in ("exp_avg", "exp_avg_sq")
         ),
         "total_params": run.config.model.num_params(),
+        "dtypes": sorted({str(t.dtype) for p in params for t in (p, p.grad)}),
+        "mixed_precision": run.parallel.mixed_precision,
     }  # fmt: skip
     _teardown(run, finished=True)
     return held
@@ -60,7 +62,7 @@ def comm(data_dir: str) -> dict:
         per_step = []
         for _ in range(4):
             loss = train_step(run)
-            per_step.append(run.parallel.comm.take())
+            per_step.append(run.comm_bytes)
         sent[hook] = {"bytes": per_step, "loss": loss}
     _teardown(run, finished=True)
     return sent
@@ -68,6 +70,6 @@ def comm(data_dir: str) -> dict:
 
 if __name__ == "__main__":
     mode, data_dir, out = sys.argv[1:4]
-    result = shards(data_dir, sys.argv[4]) if mode == "shards" else comm(data_dir)
+    result = shards(data_dir, *sys.argv[4:6]) if mode == "shards" else comm(data_dir)
     rank = int(os.environ["RANK"])
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))

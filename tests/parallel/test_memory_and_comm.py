@@ -21,9 +21,9 @@ def run_worker(nproc: int, *args: str, out) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
-@pytest.mark.parametrize("nproc", [2, 4])
-def test_fsdp_rank_holds_a_1_over_n_share(nproc, shakespeare_dir, tmp_path):
-    held = run_worker(nproc, "shards", str(shakespeare_dir), "fsdp", out=tmp_path)
+@pytest.mark.parametrize("nproc, dtype", [(2, "bfloat16"), (4, "float32")])
+def test_fsdp_rank_holds_a_1_over_n_share(nproc, dtype, shakespeare_dir, tmp_path):
+    held = run_worker(nproc, "shards", str(shakespeare_dir), "fsdp", dtype, out=tmp_path)
     total = held[0]["total_params"]
     for rank in held:
         # Shards are padded to equal sizes: at most one row of each tensor over 1/N.
@@ -31,6 +31,9 @@ def test_fsdp_rank_holds_a_1_over_n_share(nproc, shakespeare_dir, tmp_path):
         assert rank["grads"] == rank["params"]
         assert rank["optimizer"] == 2 * rank["params"]  # AdamW's two moments, sharded alike
     assert sum(r["params"] for r in held) >= total
+    # bf16 compute through FSDP's policy: sharded weights, gradients and moments stay fp32.
+    assert held[0]["dtypes"] == ["torch.float32"]
+    assert held[0]["mixed_precision"] == (dtype == "bfloat16")
 
 
 def test_ddp_compression_hooks_send_fewer_bytes(shakespeare_dir, tmp_path):

@@ -23,6 +23,7 @@ def single(shakespeare_dir, tmp_path_factory):
 CASES = {
     "ddp": ("ddp", 2, 4, []),
     "fsdp": ("fsdp", 2, 4, []),
+    "fsdp, no reshard": ("fsdp", 2, 4, ["--parallel.reshard_after_forward", "false"]),
     "tp": ("tp", 2, 8, []),
     "fsdp+tp 2x2": ("fsdp+tp", 4, 4, ["--parallel.tp", "2"]),
     "hsdp 2x2": ("hsdp", 4, 2, ["--parallel.dp_shard", "2"]),
