@@ -179,19 +179,8 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     Under torchrun this joins the process group and applies `config.parallel`'s strategy. After
     torchrun restarted the group (a worker died), a run with checkpoints resumes by itself.
     """
-    ckpt_path = latest_checkpoint(run_dir / CHECKPOINTS) if run_dir.exists() else None
-    resume = resume or (restart_count() > 0 and ckpt_path is not None)
-    if ckpt_path and not resume:
-        raise LmscaleError(
-            f"{run_dir} already holds checkpoints: pass --resume, or choose another --out"
-        )
-    if resume and ckpt_path is None:
-        raise LmscaleError(f"nothing to resume: no checkpoint in {run_dir}")
-    ranks = ranks_from_env()
-    strategy = config.parallel.resolved_strategy(ranks.world_size)
-    device = device_for(ranks, resolve_device(config.train.device))
-    if strategy != "none":
-        init_process_group(ranks, device, config.parallel.backend, config.parallel.timeout_s)
+    ckpt_path = _checkpoint_to_resume(run_dir, resume)
+    ranks, device, strategy = _join_process_group(config)
     train_data = TokenDataset(config.data.path, "train")
     val_data = TokenDataset(config.data.path, "val")
     val_data = val_data if len(val_data) >= 2 else None
@@ -231,11 +220,6 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     )  # fmt: skip
     if ckpt_path is not None:
         _restore(run, ckpt_path)
-    if restart_count() and run.is_main:
-        resumed = f"resuming from {ckpt_path}" if ckpt_path else "starting over (no checkpoint)"
-        tqdm.write(
-            f"torchrun restart {restart_count()} after a failed worker: {resumed}", sys.stderr
-        )
     if run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml())
@@ -249,8 +233,34 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     return run
 
 
+def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
+    """The checkpoint to continue from: None for a new run; refuses to train over a saved run."""
+    ckpt_path = latest_checkpoint(run_dir / CHECKPOINTS) if run_dir.exists() else None
+    if restart_count() and ranks_from_env().is_main:
+        what = f"resuming from {ckpt_path}" if ckpt_path else "starting over (no checkpoint yet)"
+        tqdm.write(f"torchrun restart {restart_count()} after a failed worker: {what}", sys.stderr)
+    resume = resume or (restart_count() > 0 and ckpt_path is not None)
+    if ckpt_path and not resume:
+        raise LmscaleError(
+            f"{run_dir} already holds checkpoints: pass --resume, or choose another --out"
+        )
+    if resume and ckpt_path is None:
+        raise LmscaleError(f"nothing to resume: no checkpoint in {run_dir}")
+    return ckpt_path
+
+
+def _join_process_group(config: RunConfig) -> tuple[Ranks, torch.device, str]:
+    """This process's ranks, device and strategy; joins the process group when distributed."""
+    ranks = ranks_from_env()
+    strategy = config.parallel.resolved_strategy(ranks.world_size)
+    device = device_for(ranks, resolve_device(config.train.device))
+    if strategy != "none":
+        init_process_group(ranks, device, config.parallel.backend, config.parallel.timeout_s)
+    return ranks, device, strategy
+
+
 def train_step(run: Run) -> float:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns the mean token loss.
+    """One optimizer step over `run.grad_accum` micro-batches; returns the mean token loss.
 
     NOTE: each micro-batch's summed loss is divided by the target count of the whole step, so the
     accumulated gradient equals that of one batch holding every micro-batch.
