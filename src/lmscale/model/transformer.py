@@ -43,12 +43,14 @@ def rope_tables(config: ModelConfig) -> tuple[Tensor, Tensor]:
 
 
 def rope_factors(cos: Tensor, sin: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Full-width factors for `apply_rope`, built once per forward pass: (T, 1, hs) each.
+    """Full-width factors for `apply_rope`, built once per forward pass.
 
     cos_full = [cos, cos] and sin_signed = [-sin, sin], so that rotating is two multiplies and an add.
+    Tables of (T, hs/2) give factors (T, 1, hs) shared by the batch; per-row tables (B, T, hs/2)
+    give (B, T, 1, hs). Either broadcasts against (B, T, H, hs).
     """
-    cos_full = torch.cat((cos, cos), dim=-1)[:, None, :].to(dtype)
-    sin_signed = torch.cat((-sin, sin), dim=-1)[:, None, :].to(dtype)
+    cos_full = torch.cat((cos, cos), dim=-1)[..., None, :].to(dtype)
+    sin_signed = torch.cat((-sin, sin), dim=-1)[..., None, :].to(dtype)
     return cos_full, sin_signed
 
 
@@ -62,7 +64,7 @@ def apply_rope(x: Tensor, cos_full: Tensor, sin_signed: Tensor) -> Tensor:
     return x * cos_full + torch.cat((x2, x1), dim=-1) * sin_signed
 
 
-def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Attention of one new query per sequence over every cached key, as two small matmuls.
 
     For a single query, SDPA's CPU kernels cost several times more than this (~10x in bf16).
@@ -75,6 +77,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     Args:
         q: (B, nh, 1, hs) queries.
         k: (B, nkv, S, hs) keys; v likewise.
+        mask: optional boolean (B, 1, 1, S), True where a key may be seen: sequences of different
+            lengths padded to one S (a paged cache's batch) hide their padding with it.
 
     Returns:
         (B, nh, 1, hs) attention outputs.
@@ -82,6 +86,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     B, n_heads, _, head_dim = q.shape
     q = q.reshape(B, k.shape[1], -1, head_dim)  # (B, nkv, n_rep, hs)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * head_dim**-0.5  # (B, nkv, n_rep, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     y = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)  # (B, nkv, n_rep, hs)
     return y.view(B, n_heads, 1, head_dim)
 
@@ -123,7 +129,7 @@ class Attention(nn.Module):
             k, v, mask = cache.update(k, v)  # k, v: (B, nkv, S, hs) with S = cached + T
             is_causal = T > 1 and mask is None  # a first chunk is causal within itself
             if T == 1:
-                y = decode_attention(q, k, v)  # (B, nh, 1, hs)
+                y = decode_attention(q, k, v, mask)  # (B, nh, 1, hs)
                 return self.wo(y.transpose(1, 2).reshape(B, T, -1))
         # NOTE: enable_gqa lets SDPA read each kv head for its query group without copying it
         # n_rep times (repeat_interleave), which also saves the backward's reduction of the copies.
@@ -230,39 +236,50 @@ class Transformer(nn.Module):
             device = device or self.rope_cos.device
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """Logits for every position.
 
         Args:
             tokens: (B, T) token ids. With a `cache`, they continue the cached sequence.
             cache: a KV cache to read and extend (incremental decoding); None for a plain pass.
+                Any object with the same `layer(i).update(k, v)` and `advance(n)` methods will do.
+            positions: (B, T) position of each token, for a batch whose rows are at different
+                lengths (its cache then masks each row to its own keys); None means every row
+                starts at the cache's `length` (or 0).
 
         Returns:
             (B, T, vocab_size) logits.
         """
-        return self.output(self.hidden_states(tokens, cache))
+        return self.output(self.hidden_states(tokens, cache, positions))
 
-    def hidden_states(self, tokens: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden_states(
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None
+    ) -> Tensor:
         """The final normalised hidden states (B, T, dim), before the output projection."""
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        if start + T > self.config.max_seq_len:
+        if positions is None:
+            start = cache.length if cache is not None else 0
+            positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
+            end = start + T
+        else:
+            end = int(positions.max()) + 1  # positions: (B, T)
+        if end > self.config.max_seq_len:
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds max_seq_len {self.config.max_seq_len}"
+                f"sequence of {end} tokens exceeds max_seq_len {self.config.max_seq_len}"
             )
         h = self.tok_embeddings(tokens)  # (B, T, dim)
         rope = None
         if self.config.family == "gpt2":
-            h = h + self.pos_embeddings(torch.arange(start, start + T, device=tokens.device))
+            h = h + self.pos_embeddings(positions)  # (T, dim) or (B, T, dim)
         else:
             dtype = (
                 torch.get_autocast_dtype(h.device.type)
                 if torch.is_autocast_enabled(h.device.type)
                 else h.dtype
             )
-            rope = rope_factors(
-                self.rope_cos[start : start + T], self.rope_sin[start : start + T], dtype
-            )
+            rope = rope_factors(self.rope_cos[positions], self.rope_sin[positions], dtype)
         h = self.dropout(h)
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, cache.layer(i) if cache is not None else None)

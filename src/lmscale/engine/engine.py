@@ -1,0 +1,251 @@
+"""The engine's step loop: schedule, run the model, sample, detokenize, report (synchronous).
+
+`LLMEngine.step()` is one iteration of continuous batching. Prefilling rows and decoding rows run
+as two forward passes: a decode pass has one token per row and takes the model's fast
+single-query attention, while padding it to a prefill's length would multiply its cost.
+`AsyncEngine` drives this from a background thread for asyncio callers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lmscale.engine.config import EngineConfig
+from lmscale.engine.detokenize import TextStream
+from lmscale.engine.paged_cache import PagedKVCache, blocks_for
+from lmscale.engine.request import (
+    GenerationRequest,
+    QueueFullError,
+    Request,
+    RequestOutput,
+    RequestParams,
+    TokenLogprob,
+)
+from lmscale.engine.runner import ModelRunner
+from lmscale.engine.sampling import sample_next
+from lmscale.engine.scheduler import Scheduler
+from lmscale.errors import LmscaleError
+from lmscale.model import Transformer
+from lmscale.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics."""
+
+    num_waiting: int
+    num_running: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
+    num_preemptions: int
+    """Preemptions since the engine started."""
+    prompt_tokens_total: int
+    """Prompt tokens of the requests admitted since the engine started."""
+    generation_tokens_total: int
+    """Tokens generated since the engine started."""
+
+
+class LLMEngine:
+    """Continuous batching over a paged KV cache, for one model on one device.
+
+    Args:
+        model: a model in eval mode (its dtype and device are the KV pool's).
+        tokenizer: its tokenizer (output text, stop strings, default stop ids).
+        config: budgets; the defaults suit a small model on a CPU.
+    """
+
+    def __init__(
+        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.config = config = config or EngineConfig()
+        mc, param = model.config, model.tok_embeddings.weight
+        self.cache = PagedKVCache(
+            mc.n_layers, mc.n_kv_heads, mc.head_dim, self._pool_blocks(), config.block_size,
+            dtype=param.dtype, device=param.device,
+        )  # fmt: skip
+        self.scheduler = Scheduler(config, self.cache.allocator)
+        self.runner = ModelRunner(model, self.cache)
+        self._texts: dict[str, TextStream] = {}
+        self._arrivals = 0
+        self._prompt_tokens = self._generated_tokens = 0
+
+    def _pool_blocks(self) -> int:
+        """Blocks that fit the memory budget, but no more than a full batch of full contexts."""
+        cfg, mc = self.config, self.model.config
+        if cfg.n_blocks is not None:
+            return cfg.n_blocks
+        dtype = self.model.tok_embeddings.weight.dtype
+        per_block = PagedKVCache.bytes_per_block(
+            mc.n_layers, mc.n_kv_heads, mc.head_dim, cfg.block_size, dtype
+        )
+        enough = cfg.max_num_seqs * blocks_for(mc.max_seq_len, cfg.block_size)
+        return max(1, min(cfg.kv_cache_bytes // per_block, enough))
+
+    def check(self, request: GenerationRequest) -> RequestParams:
+        """Raise `LmscaleError` if the request can never be served; return its parameters."""
+        params = RequestParams.of(request.params)
+        prompt, limit = request.prompt_ids, self.model.config.max_seq_len
+        if not prompt:
+            raise LmscaleError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            raise LmscaleError(f"the prompt holds token ids outside [0, {vocab})")
+        total = len(prompt) + params.max_new_tokens
+        if total > limit:
+            raise LmscaleError(
+                f"the prompt ({len(prompt)} tokens) plus max_tokens ({params.max_new_tokens}) "
+                f"is {total} tokens, more than the model's context of {limit}"
+            )
+        # NOTE: the last generated token is never fed back, so it needs no cache position.
+        needed = blocks_for(total - 1, self.config.block_size)
+        if needed > self.cache.allocator.n_blocks:
+            raise LmscaleError(
+                f"the request needs {total - 1} cached positions, more than the KV cache's "
+                f"{self.cache.allocator.n_blocks * self.config.block_size}"
+            )
+        return params
+
+    def add_request(self, request: GenerationRequest) -> None:
+        """Queue a request.
+
+        Raises:
+            LmscaleError: it can never be served (empty, too long for the context or the pool).
+            QueueFullError: `max_waiting` requests are already waiting.
+        """
+        params = self.check(request)
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+        stop_ids = set(params.stop_token_ids or ())
+        if not params.ignore_eos:
+            stop_ids.update(self.tokenizer.end_of_turn_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(self.runner.device).manual_seed(params.seed)
+        self._arrivals += 1
+        self._prompt_tokens += len(request.prompt_ids)
+        self.scheduler.add(
+            Request(
+                request.request_id, list(request.prompt_ids), params, frozenset(stop_ids),
+                self._arrivals, generator=generator,
+            )
+        )  # fmt: skip
+        self._texts[request.request_id] = TextStream(self.tokenizer.decode, params.stop or ())
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Drop a request and free its blocks at once; its final output, or None if unknown."""
+        request = self.scheduler.abort(request_id)
+        if request is None:
+            return None
+        return self._finish(request, [], "", [], "abort")
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """Run one step of the batch.
+
+        Returns:
+            An output for every request that generated a token this step (a request in the middle
+            of a chunked prefill produces none).
+        """
+        batch = self.scheduler.schedule()
+        prefill = [(r, n) for r, n in zip(batch.requests, batch.n_tokens, strict=True) if n > 1]
+        decode = [(r, n) for r, n in zip(batch.requests, batch.n_tokens, strict=True) if n == 1]
+        outputs = []
+        for group in (prefill, decode):
+            if not group:
+                continue
+            requests, n_tokens = zip(*group, strict=True)
+            logits = self.runner.run(requests, n_tokens)  # (B, vocab)
+            for request, n, row in zip(requests, n_tokens, logits, strict=True):
+                request.num_computed += n
+                if request.num_computed == request.num_tokens:  # else: a prompt chunk
+                    outputs.append(self._next_token(request, row))
+        return outputs
+
+    def _next_token(self, request: Request, logits: Tensor) -> RequestOutput:
+        """Sample a request's next token from its (vocab,) logits and check every stop rule."""
+        params = request.params
+        token = int(sample_next(logits[None], params, request.generator))
+        logprobs = (
+            [_logprobs(logits, token, params.logprobs)] if params.logprobs is not None else []
+        )
+        self._generated_tokens += 1
+        text = self._texts[request.request_id]
+        if token in request.stop_ids:
+            return self._finish(request, [], text.flush(), [], "stop", stop_token=True)
+        request.output_ids.append(token)
+        piece, stopped = text.push(token)
+        if stopped:
+            return self._finish(request, [token], piece, logprobs, "stop")
+        if len(request.output_ids) >= params.max_new_tokens:
+            return self._finish(request, [token], piece + text.flush(), logprobs, "length")
+        return self._output(request, [token], piece, logprobs, None)
+
+    def _finish(
+        self, request: Request, ids: list[int], text: str, logprobs: list[TokenLogprob],
+        reason: str, stop_token: bool = False,
+    ) -> RequestOutput:  # fmt: skip
+        if request in self.scheduler.running:
+            self.scheduler.finish(request)
+        del self._texts[request.request_id]
+        return self._output(request, ids, text, logprobs, reason, stop_token)
+
+    def _output(
+        self, request: Request, ids: list[int], text: str, logprobs: list[TokenLogprob],
+        reason: str | None, stop_token: bool = False,
+    ) -> RequestOutput:  # fmt: skip
+        return RequestOutput(
+            request.request_id, ids, text,
+            logprobs if request.params.logprobs is not None else None,
+            reason is not None, reason, len(request.prompt_ids),
+            len(request.output_ids) + stop_token,
+        )  # fmt: skip
+
+    def stats(self) -> EngineStats:
+        allocator = self.cache.allocator
+        return EngineStats(
+            len(self.scheduler.waiting), len(self.scheduler.running), allocator.n_used,
+            allocator.n_blocks, self.config.block_size, self.scheduler.num_preemptions,
+            self._prompt_tokens, self._generated_tokens,
+        )  # fmt: skip
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:
+        """Run requests to completion (offline batch use); each one's outputs merged into one.
+
+        Returns:
+            request id -> an output whose ids, text and logprobs are the whole completion.
+        """
+        merged: dict[str, RequestOutput] = {}
+        for request in requests:
+            self.add_request(request)
+        while self.has_unfinished():
+            for out in self.step():
+                merged[out.request_id] = merge(merged.get(out.request_id), out)
+        return merged
+
+
+def merge(done: RequestOutput | None, new: RequestOutput) -> RequestOutput:
+    """`done` followed by the delta `new`: ids, text and logprobs concatenated."""
+    if done is None:
+        return new
+    logprobs = None if done.logprobs is None else done.logprobs + (new.logprobs or [])
+    return RequestOutput(
+        new.request_id, done.token_ids + new.token_ids, done.text + new.text, logprobs,
+        new.finished, new.finish_reason, new.prompt_tokens, new.completion_tokens,
+    )  # fmt: skip
+
+
+def _logprobs(logits: Tensor, token: int, top: int) -> TokenLogprob:
+    """The chosen token's and the `top` best tokens' log-probabilities under the raw logits."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
+    best = logprobs.topk(top) if top else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best else []
+    return TokenLogprob(token, float(logprobs[token]), pairs)
