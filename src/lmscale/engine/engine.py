@@ -111,6 +111,11 @@ class LLMEngine:
             )
         return params
 
+    def check_queue(self, extra: int = 0) -> None:
+        """Raise `QueueFullError` if `max_waiting` requests (plus `extra` on their way) wait."""
+        if len(self.scheduler.waiting) + extra >= self.config.max_waiting:
+            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+
     def add_request(self, request: GenerationRequest) -> None:
         """Queue a request.
 
@@ -118,9 +123,15 @@ class LLMEngine:
             LmscaleError: it can never be served (empty, too long for the context or the pool).
             QueueFullError: `max_waiting` requests are already waiting.
         """
-        params = self.check(request)
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
+        self.check(request)
+        self.check_queue()
+        self.enqueue(request)
+
+    def enqueue(self, request: GenerationRequest) -> None:
+        """Queue a request that passed `check`, without the queue bound (the caller applied it)."""
+        params = RequestParams.of(request.params)
+        if request.request_id in self._texts:
+            raise LmscaleError(f"request id {request.request_id!r} is already in use")
         stop_ids = set(params.stop_token_ids or ())
         if not params.ignore_eos:
             stop_ids.update(self.tokenizer.end_of_turn_ids)
