@@ -157,7 +157,7 @@ def test_seeded_sampling_gives_the_same_text_alone_and_in_a_batch(tiny_tokenizer
     engine = LLMEngine(model, tiny_tokenizer)
     others = [RequestParams(temperature=1.0, seed=i, max_new_tokens=20) for i in range(15)]
     requests = [GenerationRequest(p, params, str(i)) for i, (p, params) in
-                enumerate(zip(prompts[:5] + prompts[6:], others))]  # fmt: skip
+                enumerate(zip(prompts[:5] + prompts[6:], others, strict=True))]  # fmt: skip
     requests.insert(8, GenerationRequest(prompts[5], seeded, "seeded"))
     together = engine.generate(requests)["seeded"]
     assert together.token_ids == alone.token_ids and together.text == alone.text

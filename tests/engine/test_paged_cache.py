@@ -34,7 +34,7 @@ def test_rows_at_different_lengths_match_their_own_full_pass(name):
     lengths, following = [0, 0, 0], [None, None, None]
     with torch.inference_mode():
         for chunk in (5, 100):  # two prefill passes: a partial chunk, then the rest
-            n_new = [min(chunk, len(p) - done) for p, done in zip(prompts, lengths)]
+            n_new = [min(chunk, len(p) - done) for p, done in zip(prompts, lengths, strict=True)]
             rows = [i for i, n in enumerate(n_new) if n > 0]
             logits = run(model, pool, [prompts[i] for i in rows], [tables[i] for i in rows],
                          [lengths[i] for i in rows], [n_new[i] for i in rows])  # fmt: skip
@@ -42,9 +42,9 @@ def test_rows_at_different_lengths_match_their_own_full_pass(name):
                 lengths[i] += n_new[i]
                 if lengths[i] == len(prompts[i]):
                     following[i] = [int(logits[r, n_new[i] - 1].argmax())]
-        decoded = run(model, pool, [p + f for p, f in zip(prompts, following)], tables,
-                      [len(p) for p in prompts], [1, 1, 1])  # fmt: skip
-        for row, (prompt, nxt) in enumerate(zip(prompts, following)):
+        sequences = [p + f for p, f in zip(prompts, following, strict=True)]
+        decoded = run(model, pool, sequences, tables, [len(p) for p in prompts], [1, 1, 1])
+        for row, (prompt, nxt) in enumerate(zip(prompts, following, strict=True)):
             full = model(torch.tensor([prompt + nxt]))[0]
             torch.testing.assert_close(decoded[row, 0], full[-1], atol=1e-4, rtol=1e-4)
 
@@ -53,7 +53,7 @@ def run(model, pool, sequences, tables, starts, n_new):
     """Logits (B, T, vocab) of the next `n_new[b]` tokens of each sequence after `starts[b]`."""
     T = max(n_new)
     tokens = torch.zeros(len(sequences), T, dtype=torch.long)
-    for b, (seq, start, n) in enumerate(zip(sequences, starts, n_new)):
+    for b, (seq, start, n) in enumerate(zip(sequences, starts, n_new, strict=True)):
         tokens[b, :n] = torch.tensor(seq[start : start + n])
     layout, positions = batch_layout(tables, starts, n_new, pool.block_size)
     return model(tokens, pool.view(layout), positions)
