@@ -435,6 +435,48 @@ def _export_native(model, tokenizer, out: str, dtype: str | None) -> Path:
     return save_model_dir(out, state, config, tokenizer.to_json())
 
 
+# --- serve -----------------------------------------------------------------------------------
+
+
+def serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", default="smollm2-135m-instruct", help="a bundled name, .gguf, HF folder or run dir"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LMSCALE_API_KEY)")
+    p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the batch")
+    p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it, 429")
+    p.add_argument("--kv-cache-mb", type=int, default=256, help="memory for the KV-cache pool")
+    p.add_argument(
+        "--drain-s", type=float, default=30.0, help="on SIGTERM, finish requests for this long"
+    )
+
+
+def serve(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.engine.config import EngineConfig
+    from lmscale.serve.server import ServeOptions
+    from lmscale.serve.server import serve as run_server
+
+    if args.dtype not in (None, "float32", "bfloat16", "float16"):
+        raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
+    if not 0 < args.port < 65536:
+        raise LmscaleError(f"--port must be in 1..65535, got {args.port}")
+    engine = EngineConfig(
+        max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
+        kv_cache_bytes=args.kv_cache_mb * 2**20,
+    )  # fmt: skip
+    run_server(
+        ServeOptions(
+            model=args.model, host=args.host, port=args.port, api_key=args.api_key,
+            dtype=args.dtype, served_name=args.served_model_name, drain_s=args.drain_s,
+            engine=engine,
+        )
+    )  # fmt: skip
+
+
 Verb = tuple[Callable[[argparse.ArgumentParser], None], Callable, str]
 VERBS: dict[str, Verb] = {
     "prepare": (prepare_args, prepare, "tokenize a corpus into shards with a manifest"),
@@ -443,6 +485,7 @@ VERBS: dict[str, Verb] = {
     "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
     "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
     "export": (export_args, export, "write a model in another format (hf, native)"),
+    "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
 }
 
 if __name__ == "__main__":

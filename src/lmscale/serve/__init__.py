@@ -1,0 +1,1 @@
+"""The HTTP server: an OpenAI-compatible API (FastAPI on uvicorn) over the serving engine."""

@@ -1,0 +1,52 @@
+"""`lmscale serve`: load a model, start the engine, run the app on uvicorn until SIGTERM.
+
+On SIGTERM (or Ctrl-C) uvicorn stops accepting connections and lets the requests in flight finish
+for up to `drain_s` seconds; then the engine stops.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from lmscale.engine.config import EngineConfig
+
+
+@dataclass
+class ServeOptions:
+    model: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    dtype: str | None = None
+    served_name: str | None = None
+    drain_s: float = 30.0
+    engine: EngineConfig | None = None
+
+
+def build_app(options: ServeOptions):
+    """The app and its engine, ready for uvicorn."""
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.engine.async_engine import AsyncEngine
+    from lmscale.serve.app import create_app
+
+    model, tokenizer = load_pretrained(options.model, dtype=options.dtype)
+    engine = AsyncEngine(model, tokenizer, options.engine)
+    name = options.served_name or os.path.basename(os.path.normpath(options.model))
+    api_key = options.api_key or os.environ.get("LMSCALE_API_KEY") or None
+    app = create_app(engine, name, api_key=api_key)
+    app.router.on_shutdown.append(engine.close)
+    return app, name
+
+
+def serve(options: ServeOptions) -> None:
+    import uvicorn
+
+    app, name = build_app(options)
+    print(
+        f"serving {name} on http://{options.host}:{options.port} (OpenAI API under /v1)", flush=True
+    )
+    uvicorn.run(
+        app, host=options.host, port=options.port, log_level="warning",
+        timeout_graceful_shutdown=options.drain_s,
+    )  # fmt: skip
