@@ -72,7 +72,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.cache.allocator)
         self.runner = ModelRunner(model, self.cache)
         self._texts: dict[str, TextStream] = {}
-        self._arrivals = 0
         self._prompt_tokens = self._generated_tokens = 0
 
     def _pool_blocks(self) -> int:
@@ -138,12 +137,11 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        self._arrivals += 1
         self._prompt_tokens += len(request.prompt_ids)
         self.scheduler.add(
             Request(
                 request.request_id, list(request.prompt_ids), params, frozenset(stop_ids),
-                self._arrivals, generator=generator,
+                generator=generator,
             )
         )  # fmt: skip
         self._texts[request.request_id] = TextStream(self.tokenizer.decode, params.stop or ())
