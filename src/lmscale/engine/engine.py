@@ -111,7 +111,10 @@ class LLMEngine:
         return params
 
     def check_queue(self, extra: int = 0) -> None:
-        """Raise `QueueFullError` if `max_waiting` requests (plus `extra` on their way) wait."""
+        """Raise `QueueFullError` if `max_waiting` requests (plus `extra` on their way) wait.
+
+        Preempted requests waiting to resume count too: a pool under pressure refuses new work.
+        """
         if len(self.scheduler.waiting) + extra >= self.config.max_waiting:
             raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
 
