@@ -40,6 +40,8 @@ class AsyncEngine:
     ):
         self.engine = LLMEngine(model, tokenizer, config)
         self.tokenizer = tokenizer
+        self.max_seq_len = model.config.max_seq_len
+        """The model's context: a request's prompt plus max_new_tokens must fit in it."""
         self._cond = threading.Condition()
         self._inbox: list[tuple[str, GenerationRequest | str]] = []
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -54,6 +56,9 @@ class AsyncEngine:
         this call, before any output; iterate the result to follow the request. The last output
         has `finished` set. Leaving the iteration early (break, cancellation, `aclose`) aborts
         the request and frees its KV blocks.
+
+        NOTE: a stream that is never iterated at all cannot notice its consumer is gone: its
+        request runs to the end. Call `abort` for requests submitted and then abandoned.
 
         Raises:
             LmscaleError: the request can never be served (empty, too long, duplicate id).

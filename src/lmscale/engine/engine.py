@@ -72,7 +72,6 @@ class LLMEngine:
         self.scheduler = Scheduler(config, self.cache.allocator)
         self.runner = ModelRunner(model, self.cache)
         self._texts: dict[str, TextStream] = {}
-        self._arrivals = 0
         self._prompt_tokens = self._generated_tokens = 0
 
     def _pool_blocks(self) -> int:
@@ -112,7 +111,10 @@ class LLMEngine:
         return params
 
     def check_queue(self, extra: int = 0) -> None:
-        """Raise `QueueFullError` if `max_waiting` requests (plus `extra` on their way) wait."""
+        """Raise `QueueFullError` if `max_waiting` requests (plus `extra` on their way) wait.
+
+        Preempted requests waiting to resume count too: a pool under pressure refuses new work.
+        """
         if len(self.scheduler.waiting) + extra >= self.config.max_waiting:
             raise QueueFullError(f"{self.config.max_waiting} requests are already waiting")
 
@@ -138,12 +140,11 @@ class LLMEngine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(self.runner.device).manual_seed(params.seed)
-        self._arrivals += 1
         self._prompt_tokens += len(request.prompt_ids)
         self.scheduler.add(
             Request(
                 request.request_id, list(request.prompt_ids), params, frozenset(stop_ids),
-                self._arrivals, generator=generator,
+                generator=generator,
             )
         )  # fmt: skip
         self._texts[request.request_id] = TextStream(self.tokenizer.decode, params.stop or ())

@@ -114,7 +114,6 @@ class Request:
     prompt_ids: list[int]
     params: RequestParams
     stop_ids: frozenset[int]
-    arrival: int
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
