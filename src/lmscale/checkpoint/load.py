@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from lmscale.checkpoint.native import Checkpoint, load_checkpoint
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
+from lmscale.model.quantized import swap_in_quantized_
 
 
 def load_model(
@@ -31,11 +32,12 @@ def load_model(
     """
     checkpoint = load_checkpoint(source, with_train_state=False)
     config = _model_config(checkpoint)
-    with empty_init():
-        expected = Transformer(config).state_dict()
+    quantization = _quantization(checkpoint)
+    expected = empty_model(config, quantization).state_dict()
     check_state(expected, checkpoint.model_state, str(checkpoint.path / "model.safetensors"))
     # NOTE: a native checkpoint loads as float32 unless asked otherwise, as it always has.
-    model = build_model(config, checkpoint.model_state, device, as_dtype(dtype) or torch.float32)
+    dtype = as_dtype(dtype) or torch.float32
+    model = build_model(config, checkpoint.model_state, device, dtype, quantization)
     return model, checkpoint
 
 
@@ -44,6 +46,7 @@ def build_model(
     state: dict[str, Tensor],
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    quantization: dict | None = None,
 ) -> Transformer:
     """A model holding `state` (checked strictly), in eval mode, without a random init first.
 
@@ -55,12 +58,13 @@ def build_model(
         state: every weight under lmscale's names (the tied `output.weight` included).
         device: where the model goes.
         dtype: a floating dtype (or its name) to cast to; None keeps the state's dtypes.
+        quantization: config.json's "quantization" section, for a model saved by
+            `lmscale.compress`: its layers take their stored integers as they are.
 
     Returns:
         The model.
     """
-    with empty_init():
-        model = Transformer(config)
+    model = empty_model(config, quantization)
     # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
     # (GPT-2's Conv1D weights) gives matmuls of other rounding.
     state = {name: tensor.contiguous() for name, tensor in state.items()}
@@ -69,6 +73,21 @@ def build_model(
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device="cpu")
     return model.to(device=device, dtype=as_dtype(dtype)).eval()
+
+
+def empty_model(config: ModelConfig, quantization: dict | None = None) -> Transformer:
+    """A `Transformer` on the meta device, its quantized layers (if any) swapped in.
+
+    NOTE: a quantized model is rebuilt from its integers, never dequantized as a whole: the
+    `QuantizedLinear` layout lives in `lmscale.model.quantized` (pure model code), so loading
+    needs nothing from `lmscale.compress`, which sits above this package.
+    """
+    with empty_init():
+        model = Transformer(config)
+        if quantization is not None:
+            method, group_size = quantization["method"], quantization["group_size"]
+            swap_in_quantized_(model, quantization["modules"], method, group_size)
+    return model
 
 
 @contextmanager
@@ -103,6 +122,21 @@ def _model_config(checkpoint: Checkpoint) -> ModelConfig:
         raise LmscaleError(f"bad 'model' section in {config_file}: {error}") from None
 
 
+def _quantization(checkpoint: Checkpoint) -> dict | None:
+    """config.json's "quantization" section ({"method", "group_size", "modules"}), or None."""
+    section = checkpoint.config.get("quantization")
+    if section is None:
+        return None
+    names = section.get("modules") if isinstance(section, dict) else None
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise LmscaleError(
+            f"bad 'quantization' section in {checkpoint.path / 'config.json'}: "
+            "expected {'method', 'group_size', 'modules': [names]}"
+        )
+    return {"method": section.get("method"), "group_size": section.get("group_size"),
+            "modules": names}  # fmt: skip
+
+
 def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:
     """Raise LmscaleError unless `state` has exactly the names and shapes of `expected`.
 
@@ -124,8 +158,12 @@ def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: s
                 f"tensor '{name}' in {source} has shape {tuple(state[name].shape)}, "
                 f"the model expects {tuple(tensor.shape)}"
             )
-        if not state[name].is_floating_point():
+        if tensor.is_floating_point() and not state[name].is_floating_point():
             raise LmscaleError(f"tensor '{name}' in {source} is {state[name].dtype}, not a float")
+        if not tensor.is_floating_point() and state[name].dtype != tensor.dtype:
+            raise LmscaleError(
+                f"tensor '{name}' in {source} is {state[name].dtype}, not {tensor.dtype}"
+            )
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -435,6 +435,38 @@ def _export_native(model, tokenizer, out: str, dtype: str | None) -> Path:
     return save_model_dir(out, state, config, tokenizer.to_json())
 
 
+# --- quantize --------------------------------------------------------------------------------
+
+
+def quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument("--method", required=True, help="int8 (per output channel) or int4 (group-wise)")
+    p.add_argument(
+        "--group-size", type=int, default=None, help="int4: 32, 64 or 128 columns (default 32)"
+    )
+    p.add_argument("--out", required=True, help="folder to write (a native model folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.epilog = (
+        "Weight-only, round-to-nearest: the linear layers of the Transformer blocks become "
+        "integers; the embedding and output head stay float. generate, chat, eval and serve "
+        "load the folder."
+    )
+
+
+def quantize(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.compress import QuantConfig, quantize_model
+
+    result = quantize_model(args.model, QuantConfig(args.method, args.group_size), args.out)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    group = f" (group size {result.group_size})" if result.group_size else ""
+    print(
+        f"{result.method}{group}: {result.modules} linear layers quantized -> {result.out} "
+        f"({result.bytes / 1e6:.1f} MB; {result.float_bytes / 1e6:.1f} MB in float)"
+    )
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
@@ -485,6 +517,7 @@ VERBS: dict[str, Verb] = {
     "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
     "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
     "export": (export_args, export, "write a model in another format (hf, native)"),
+    "quantize": (quantize_args, quantize, "weight-only int8 / int4 quantization of a model"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
 }
 

@@ -1,0 +1,104 @@
+"""Quantize a model from any `--model` source and save it as a native model folder.
+
+    OUT/
+        model.safetensors   float tensors as before; each quantized layer as its integers
+                            (`….qweight`), `….scales` and, for int4, `….zeros`
+        config.json         {"model": {...}, "tokenizer": {...},
+                             "quantization": {"method", "group_size", "modules": [fqn, ...]}}
+        tokenizer.json
+
+`lmscale.checkpoint.load_pretrained(OUT)` reads "quantization" and rebuilds the
+`QuantizedLinear` modules from the stored integers (see `lmscale.checkpoint.load`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from lmscale.checkpoint import load_pretrained, save_model_dir
+from lmscale.compress.quantize import QuantConfig, quantization_of, quantize_
+from lmscale.config import to_dict
+from lmscale.errors import LmscaleError
+from lmscale.model import Transformer
+from lmscale.tokenizer import Tokenizer
+
+
+@dataclass
+class QuantizeResult:
+    """What `quantize_model` wrote."""
+
+    out: Path
+    method: str
+    group_size: int | None
+    modules: int
+    """Number of linear layers quantized."""
+    bytes: int
+    """Size of the written model.safetensors."""
+    float_bytes: int
+    """Size of the same tensors in the source model's float dtype (before quantizing)."""
+
+    def as_dict(self) -> dict:
+        return {
+            "out": str(self.out), "method": self.method, "group_size": self.group_size,
+            "modules": self.modules, "bytes": self.bytes, "float_bytes": self.float_bytes,
+        }  # fmt: skip
+
+
+def quantize_model(source: str | Path, config: QuantConfig, out: str | Path) -> QuantizeResult:
+    """Load `source`, quantize it in place (`quantize_`), save it to the new folder `out`.
+
+    Args:
+        source: anything `load_pretrained` accepts (a bundled name, .gguf, HF folder, run dir).
+        config: the method and group size.
+        out: the folder to create; an existing one is refused before any work.
+
+    Returns:
+        The folder written and its sizes.
+    """
+    if Path(out).exists():
+        raise LmscaleError(f"{out} already exists: choose a new --out")
+    model, tokenizer = load_pretrained(source)
+    float_bytes = state_bytes(model)
+    names = quantize_(model, config)
+    if not names:
+        raise LmscaleError(f"{source} has no linear layers to quantize")
+    path = save_quantized(model, tokenizer, out)
+    return QuantizeResult(
+        path, config.method, config.group_size, len(names),
+        (path / "model.safetensors").stat().st_size, float_bytes,
+    )  # fmt: skip
+
+
+def save_quantized(model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
+    """Write a quantized model (see `quantize_`) as a native folder that `load_pretrained` reads.
+
+    Args:
+        model: a `Transformer` holding `QuantizedLinear` modules.
+        tokenizer: its tokenizer.
+        out: the folder to create.
+
+    Returns:
+        The folder.
+    """
+    quantization = quantization_of(model)
+    if quantization is None:
+        raise LmscaleError("the model holds no quantized layers; run quantize_ first")
+    config = {
+        "model": to_dict(model.config), "tokenizer": tokenizer.settings,
+        "quantization": quantization,
+    }  # fmt: skip
+    return save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of a model's state dict, tensors sharing storage (a tied head) counted once."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in model.state_dict().values():
+        if tensor.untyped_storage().data_ptr() not in seen:
+            seen.add(tensor.untyped_storage().data_ptr())
+            total += tensor.nbytes
+    return total
