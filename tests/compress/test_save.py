@@ -10,6 +10,7 @@ from lmscale.checkpoint import load_pretrained, save_model_dir
 from lmscale.cli.main import main
 from lmscale.compress import QuantConfig, quantization_of, quantize_, quantize_model
 from lmscale.config import to_dict
+from lmscale.engine import GenerationRequest, LLMEngine, RequestParams, SamplingParams, generate_ids
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer, preset
 from lmscale.model.quantized import QuantizedLinear
@@ -121,3 +122,13 @@ def test_cli_refuses_an_already_quantized_model_and_an_existing_out(float_dir, t
     argv = ["quantize", "--model", str(float_dir), "--method", "int8"]
     assert main([*argv, "--out", str(tmp_path / "q8")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_the_serving_engine_runs_a_quantized_folder(float_dir, tmp_path):
+    quantize_model(float_dir, QuantConfig("int4", 32), tmp_path / "q")
+    model, tokenizer = load_pretrained(tmp_path / "q")
+    prompt = tokenizer.encode("to be or not")
+    params = RequestParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    out = LLMEngine(model, tokenizer).generate([GenerationRequest(prompt, params, "a")])["a"]
+    greedy = SamplingParams(temperature=0, max_new_tokens=8)
+    assert out.token_ids == list(generate_ids(model, prompt, greedy))
