@@ -122,6 +122,10 @@ def test_cli_refuses_an_already_quantized_model_and_an_existing_out(float_dir, t
     argv = ["quantize", "--model", str(float_dir), "--method", "int8"]
     assert main([*argv, "--out", str(tmp_path / "q8")]) == 2
     assert "already exists" in capsys.readouterr().err
+    for fmt in ("hf", "native"):  # export writes float models: it must not write a broken one
+        argv = ["export", fmt, "--model", str(tmp_path / "q8"), "--out", str(tmp_path / fmt)]
+        assert main(argv) == 2
+        assert "is quantized" in capsys.readouterr().err and not (tmp_path / fmt).exists()
 
 
 def test_the_serving_engine_runs_a_quantized_folder(float_dir, tmp_path):

@@ -410,6 +410,13 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     if args.dtype not in (None, "float32", "bfloat16", "float16"):
         raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
     model, tokenizer = load_pretrained(args.model)
+    from lmscale.compress.quantize import quantization_of
+
+    if quantization_of(model) is not None:
+        raise LmscaleError(
+            f"{args.model} is quantized: export writes float models; export the model it was "
+            "quantized from (its folder already is a native model)"
+        )
     if args.format == "native":
         out = _export_native(model, tokenizer, args.out, args.dtype)
     else:
