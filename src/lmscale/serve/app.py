@@ -273,6 +273,7 @@ async def _sse(shape, streams, first, include_usage: bool) -> AsyncIterator[str]
     finally:
         for task in tasks:  # the client left, or we are done: stop every stream (frees slots)
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)  # out of the streams before closing
         for stream in streams:
             await stream.aclose()
 

@@ -30,7 +30,10 @@ def build_app(options: ServeOptions):
     from lmscale.engine.async_engine import AsyncEngine
     from lmscale.serve.app import create_app
 
+    from lmscale.model import decode_layout_
+
     model, tokenizer = load_pretrained(options.model, dtype=options.dtype)
+    decode_layout_(model)  # fp32 matrix-vector products run faster column-major (see layout.py)
     engine = AsyncEngine(model, tokenizer, options.engine)
     name = options.served_name or os.path.basename(os.path.normpath(options.model))
     api_key = options.api_key or os.environ.get("LMSCALE_API_KEY") or None
