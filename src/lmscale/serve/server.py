@@ -28,9 +28,8 @@ def build_app(options: ServeOptions):
     """The app and its engine, ready for uvicorn."""
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine.async_engine import AsyncEngine
-    from lmscale.serve.app import create_app
-
     from lmscale.model import decode_layout_
+    from lmscale.serve.app import create_app
 
     model, tokenizer = load_pretrained(options.model, dtype=options.dtype)
     decode_layout_(model)  # fp32 matrix-vector products run faster column-major (see layout.py)
