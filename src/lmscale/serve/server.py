@@ -19,6 +19,7 @@ class ServeOptions:
     port: int = 8000
     api_key: str | None = None
     dtype: str | None = None
+    device: str = "cpu"
     served_name: str | None = None
     drain_s: float = 30.0
     engine: EngineConfig | None = None
@@ -31,7 +32,7 @@ def build_app(options: ServeOptions):
     from lmscale.model import decode_layout_
     from lmscale.serve.app import create_app
 
-    model, tokenizer = load_pretrained(options.model, dtype=options.dtype)
+    model, tokenizer = load_pretrained(options.model, device=options.device, dtype=options.dtype)
     decode_layout_(model)  # fp32 matrix-vector products run faster column-major (see layout.py)
     engine = AsyncEngine(model, tokenizer, options.engine)
     name = options.served_name or os.path.basename(os.path.normpath(options.model))
