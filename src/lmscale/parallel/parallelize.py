@@ -104,8 +104,10 @@ def parallelize(
             block.compile()
     if strategy == "ddp":
         ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the only buffers are RoPE tables: constants
+            bucket_cap_mb=_one_bucket_mb(model) if _powersgd_on_gloo(config, device) else None,
+        )  # fmt: skip
         parallel.model = ddp
         parallel.comm = register_comm_hook(
             ddp, config.ddp_comm_hook, config.powersgd_rank, config.powersgd_start_step
@@ -122,9 +124,9 @@ def parallelize(
                 mp_policy=mp,
                 reshard_after_forward=config.reshard_after_forward,
             )
-        fully_shard(
-            model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=config.reshard_after_forward
-        )
+        # The root (embeddings, final norm, output) is needed again at once by the backward:
+        # keeping it gathered saves an all-gather (FSDP2's own default for the root).
+        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     parallel.dp_size = ranks.world_size // parallel.tp_size
     parallel.dp_rank = _dp_rank(mesh, dp_dims)
     return parallel
@@ -137,6 +139,20 @@ def check_plan(config: ParallelConfig, model: ModelConfig, nproc: int) -> str:
         shape = mesh_shape(strategy, config, Ranks(0, nproc, 0, nproc))
         check_tp_degree(model, shape.get("tp", 1))
     return strategy
+
+
+def _powersgd_on_gloo(config: ParallelConfig, device: torch.device) -> bool:
+    return config.ddp_comm_hook == "powersgd" and device.type != "cuda"
+
+
+def _one_bucket_mb(model: nn.Module) -> float:
+    """A bucket size holding every gradient.
+
+    NOTE: PowerSGD all-reduces its factors from completion callbacks; with several buckets in
+    flight, gloo ranks can issue them in different orders and fail with a size mismatch
+    (pytorch/pytorch#58467). One bucket leaves a single order.
+    """
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20 + 1
 
 
 def _dp_rank(mesh: DeviceMesh, dp_dims: tuple[str, ...]) -> int:

@@ -52,18 +52,19 @@ def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh, sequence_paralle
 
 
 def _block_plan(family: str, residual, sequence_parallel: bool) -> dict:
+    # NOTE: the gathered input stays a DTensor into the column-parallel layers, so the backward
+    # reduces its gradient once (a reduce-scatter), not once per layer that reads it.
     plan = {
         "attention": PrepareModuleInput(
             input_layouts=(residual, None, None),
             desired_input_layouts=(Replicate(), None, None),
-            use_local_output=True,
         ),  # fmt: skip
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
         "attention.wo": RowwiseParallel(output_layouts=residual),
         "feed_forward": PrepareModuleInput(
-            input_layouts=(residual,), desired_input_layouts=(Replicate(),), use_local_output=True
+            input_layouts=(residual,), desired_input_layouts=(Replicate(),)
         ),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w2": RowwiseParallel(output_layouts=residual),
