@@ -45,3 +45,12 @@ def serve(tiny, **options):
     }
     engine = AsyncEngine(model, tokenizer, EngineConfig(**engine_options))
     return running(create_app(engine, NAME, **options)), engine
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny):
+    """The tiny model served on a real socket with the default limits; yields its URL."""
+    server, engine = serve(tiny)
+    with server as base:
+        yield base
+    engine.close()

@@ -2,21 +2,13 @@
 
 import pytest
 import schemathesis
-from conftest import serve
 from hypothesis import HealthCheck, given, settings
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def fuzzed(tiny):
-    server, engine = serve(tiny)
-    with server as base:
-        yield base
-    engine.close()
-
-
-def test_no_request_gets_a_5xx(fuzzed):
+def test_no_request_gets_a_5xx(tiny_server):
+    fuzzed = tiny_server
     schema = schemathesis.openapi.from_url(fuzzed + "/openapi.json")
     failures, calls = [], []
     for operation in schema.get_all_operations():

@@ -21,11 +21,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def url(tiny):
-    server, engine = serve(tiny)
-    with server as base:
-        yield base
-    engine.close()
+def url(tiny_server):
+    return tiny_server
 
 
 def post(url, path, body, **kwargs):
