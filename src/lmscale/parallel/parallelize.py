@@ -103,33 +103,40 @@ def parallelize(
         for block in model.layers:
             block.compile()
     if strategy == "ddp":
-        ddp = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # the only buffers are RoPE tables: constants
-            bucket_cap_mb=_one_bucket_mb(model) if _powersgd_on_gloo(config, device) else None,
-        )  # fmt: skip
-        parallel.model = ddp
-        parallel.comm = register_comm_hook(
-            ddp, config.ddp_comm_hook, config.powersgd_rank, config.powersgd_start_step
-        )
+        parallel.model, parallel.comm = _apply_ddp(model, config, device)
     dp_dims = tuple(n for n in names if n.startswith("dp"))
     if strategy in ("fsdp", "hsdp", "fsdp+tp"):
-        dp_mesh = mesh[dp_dims]  # hsdp: 2-D (replicate, shard)
-        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        _apply_fsdp(model, mesh[dp_dims], compute_dtype, config.reshard_after_forward)
         parallel.mixed_precision = compute_dtype != torch.float32
-        for block in model.layers:
-            fully_shard(
-                block,
-                mesh=dp_mesh,
-                mp_policy=mp,
-                reshard_after_forward=config.reshard_after_forward,
-            )
-        # The root (embeddings, final norm, output) is needed again at once by the backward:
-        # keeping it gathered saves an all-gather (FSDP2's own default for the root).
-        fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
     parallel.dp_size = ranks.world_size // parallel.tp_size
     parallel.dp_rank = _dp_rank(mesh, dp_dims)
     return parallel
+
+
+def _apply_ddp(
+    model: nn.Module, config: ParallelConfig, device: torch.device
+) -> tuple[DistributedDataParallel, CommCounter]:
+    ddp = DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None,
+        broadcast_buffers=False,  # the only buffers are RoPE tables: constants
+        bucket_cap_mb=_one_bucket_mb(model) if _powersgd_on_gloo(config, device) else None,
+    )  # fmt: skip
+    counter = register_comm_hook(
+        ddp, config.ddp_comm_hook, config.powersgd_rank, config.powersgd_start_step
+    )
+    return ddp, counter
+
+
+def _apply_fsdp(
+    model: Transformer, dp_mesh: DeviceMesh, compute_dtype: torch.dtype, reshard: bool
+) -> None:
+    """FSDP2 per block, then the root; on a 2-D (replicate, shard) mesh this is HSDP."""
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard)
+    # The root (embeddings, final norm, output) is needed again at once by the backward:
+    # keeping it gathered saves an all-gather (FSDP2's own default for the root).
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=False)
 
 
 def check_plan(config: ParallelConfig, model: ModelConfig, nproc: int) -> str:
