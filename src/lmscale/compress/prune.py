@@ -56,7 +56,9 @@ class PruneConfig:
         if not 0.0 < self.sparsity < 1.0:
             raise LmscaleError(f"sparsity must be between 0 and 1 (exclusive), got {self.sparsity}")
         if self.method == "2:4" and self.sparsity != 0.5:
-            raise LmscaleError(f"2:4 pruning removes exactly half: sparsity 0.5, got {self.sparsity}")
+            raise LmscaleError(
+                f"2:4 pruning removes exactly half: sparsity 0.5, got {self.sparsity}"
+            )
         if self.scope not in SCOPES:
             raise LmscaleError(f"unknown pruning scope '{self.scope}' (known: global, layer)")
 
