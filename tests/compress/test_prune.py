@@ -103,8 +103,9 @@ def test_structured_at_sparsity_zero_keeps_the_outputs(calibration):
 def test_structured_equals_the_original_with_the_removed_units_zeroed(name, calibration):
     model, masked, tokens = tiny(name), tiny(name), torch.randint(0, 512, (2, 16))
     n_rep, head_dim = model.config.n_heads // model.config.n_kv_heads, model.config.head_dim
-    record = prune_(model, PruneConfig("structured", 0.5),
-                    calibration=torch.randint(0, 512, (4, 32)) if calibration else None)  # fmt: skip
+    importance = "activation" if calibration else "weight"
+    config = PruneConfig("structured", 0.5, importance=importance)
+    record = prune_(model, config, calibration=torch.randint(0, 512, (4, 32)))
     for small, full in zip(model.layers, masked.layers, strict=True):
         # Which units stayed: match the kept columns of the output projections to the original's.
         for out_small, out_full, width in ((small.attention.wo, full.attention.wo, n_rep * head_dim),
@@ -124,8 +125,9 @@ def test_structured_equals_the_original_with_the_removed_units_zeroed(name, cali
 
 def test_a_structured_folder_is_a_smaller_normal_model(float_dir, tokenizer, tmp_path):
     model, _ = load_pretrained(float_dir)
-    prune_(model, PruneConfig("structured", 0.5))
-    result = prune_model(float_dir, PruneConfig("structured", 0.5), tmp_path / "p")
+    config = PruneConfig("structured", 0.5, importance="weight")
+    prune_(model, config)
+    result = prune_model(float_dir, config, tmp_path / "p")
     loaded, loaded_tokenizer = load_pretrained(tmp_path / "p")
     config = loaded.config
     assert (config.n_heads, config.n_kv_heads, config.head_dim, config.hidden_dim) == (2, 1, 16, 64)
@@ -175,6 +177,21 @@ def test_cli_prune_structured_with_calibration_text(float_dir, tmp_path, capsys)
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
 
 
+def test_cli_prune_structured_calibrates_on_shakespeare_by_default(float_dir, tmp_path, capsys):
+    argv = ["prune", "--model", str(float_dir), "--method", "structured", "--sparsity", "0.25"]
+    assert main([*argv, "--out", str(tmp_path / "p"), "--json"]) == 0
+    pruning = json.loads(capsys.readouterr().out)["pruning"]
+    assert pruning["importance"] == "activation"
+    assert pruning["calibration"] == {"corpus": "shakespeare", "tokens": 2048}
+    # a quarter of 2 kv groups rounds to none removed; a quarter of 128 channels to 32
+    assert pruning["after"] == {"n_heads": 4, "n_kv_heads": 2, "hidden_dim": 96}
+
+
+def test_structured_by_activation_needs_calibration_tokens():
+    with pytest.raises(LmscaleError, match="needs calibration tokens"):
+        prune_(tiny(), PruneConfig("structured", 0.5))
+
+
 def test_cli_prune_json(float_dir, tmp_path, capsys):
     argv = ["prune", "--model", str(float_dir), "--method", "magnitude", "--sparsity", "0.25"]
     assert main([*argv, "--scope", "layer", "--out", str(tmp_path / "p"), "--json"]) == 0
@@ -193,6 +210,14 @@ def test_cli_prune_json(float_dir, tmp_path, capsys):
         (["--method", "2:4", "--sparsity", "0.6"], "2:4 pruning removes exactly half"),
         (["--method", "magnitude", "--sparsity", "0.5", "--scope", "row"], "unknown pruning scope"),
         (["--method", "magnitude", "--sparsity", "half"], "invalid float value: 'half'"),
+        (
+            ["--method", "structured", "--sparsity", "0.5", "--importance", "gradient"],
+            "unknown importance 'gradient'",
+        ),
+        (
+            ["--method", "structured", "--sparsity", "0.5", "--calibration", "missing.txt"],
+            "unknown corpus 'missing.txt'",
+        ),
     ],
 )
 def test_cli_bad_input_is_one_line(float_dir, tmp_path, capsys, args, message):

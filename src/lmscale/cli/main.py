@@ -487,8 +487,13 @@ def prune_args(p: argparse.ArgumentParser) -> None:
         "--scope", default="global", help="magnitude: one threshold (global) or one per layer"
     )
     p.add_argument(
-        "--calibration", default=None, help="structured: a text file whose activations score units"
+        "--importance", default="activation", help="structured: activation (default) or weight"
     )
+    p.add_argument(
+        "--calibration", default="shakespeare",
+        help="structured: the corpus whose first 2048 tokens score units (a text file, folder, "
+        ".jsonl; default: the bundled Shakespeare)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write (a native float model folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.epilog = (
@@ -501,8 +506,8 @@ def prune_args(p: argparse.ArgumentParser) -> None:
 def prune(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.compress import PruneConfig, prune_model
 
-    config = PruneConfig(args.method, args.sparsity, args.scope)
-    result = prune_model(args.model, config, args.out, calibration_text=args.calibration)
+    config = PruneConfig(args.method, args.sparsity, args.scope, args.importance)
+    result = prune_model(args.model, config, args.out, calibration=args.calibration)
     if args.json:
         print(json.dumps(result.as_dict()))
         return

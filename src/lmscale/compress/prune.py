@@ -30,11 +30,13 @@ from lmscale.checkpoint import load_pretrained, save_model_dir
 from lmscale.compress.quantize import FilterFn, describe, in_blocks, quantization_of
 from lmscale.compress.structured import prune_structured_
 from lmscale.config import to_dict
+from lmscale.data import iter_documents
 from lmscale.errors import LmscaleError
 from lmscale.tokenizer import Tokenizer
 
 METHODS = ("magnitude", "2:4", "structured")
 SCOPES = ("global", "layer")
+IMPORTANCES = ("activation", "weight")
 
 
 @dataclass
@@ -47,6 +49,8 @@ class PruneConfig:
     """Fraction to remove, in (0, 1): of the weights, or (structured) of the heads and channels."""
     scope: str = "global"
     """magnitude only: one threshold over all block linears (global) or one per linear (layer)."""
+    importance: str = "activation"
+    """structured only: score units by their output on calibration text, or by weight norms."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -61,10 +65,16 @@ class PruneConfig:
             )
         if self.scope not in SCOPES:
             raise LmscaleError(f"unknown pruning scope '{self.scope}' (known: global, layer)")
+        if self.importance not in IMPORTANCES:
+            raise LmscaleError(
+                f"unknown importance '{self.importance}' (known: {', '.join(IMPORTANCES)})"
+            )
 
     def as_dict(self) -> dict:
-        scope = {"scope": self.scope} if self.method == "magnitude" else {}
-        return {"method": self.method, "sparsity": self.sparsity} | scope
+        extra = {
+            "magnitude": {"scope": self.scope}, "structured": {"importance": self.importance}
+        }.get(self.method, {})  # fmt: skip
+        return {"method": self.method, "sparsity": self.sparsity} | extra
 
 
 def smallest_mask(scores: Tensor, k: int) -> Tensor:
@@ -124,8 +134,8 @@ def prune_(
         config: method, sparsity and scope.
         filter_fn: `(module, fully-qualified name) -> bool`, the linears magnitude and 2:4
             prune; structured pruning always acts on every block's attention and MLP.
-        calibration: structured only: (B, T) token ids whose activations weigh the importance
-            of each head group and channel; None scores by weight norms alone.
+        calibration: structured with importance "activation": (B, T) token ids whose
+            activations weigh each head group and channel.
 
     Returns:
         The record config.json keeps under "pruning": the config, the pruned modules (or, for
@@ -140,6 +150,12 @@ def prune_(
             f"the model is quantized ({describe(quantization)}); prune its float original"
         )
     if config.method == "structured":
+        if config.importance == "weight":
+            calibration = None
+        elif calibration is None:
+            raise LmscaleError(
+                "structured pruning by activation needs calibration tokens (or importance='weight')"
+            )
         return config.as_dict() | prune_structured_(model, config.sparsity, calibration)
     linears = {
         name: module for name, module in model.named_modules()
@@ -188,7 +204,7 @@ def prune_model(
     source: str | Path,
     config: PruneConfig,
     out: str | Path,
-    calibration_text: str | Path | None = None,
+    calibration: str | Path = "shakespeare",
     calibration_tokens: int = 2048,
 ) -> PruneResult:
     """Load `source`, prune it in place (`prune_`), save it as a native float folder at `out`.
@@ -197,8 +213,9 @@ def prune_model(
         source: anything `load_pretrained` accepts (a bundled name, .gguf, HF folder, run dir).
         config: method, sparsity and scope.
         out: the folder to create; an existing one is refused before any work.
-        calibration_text: structured only: a text file whose first `calibration_tokens` tokens
-            weigh importance by activations; None scores by weight norms.
+        calibration: structured by activation: a corpus (`lmscale.data.iter_documents` spec:
+            "shakespeare", a text file, folder or .jsonl) whose first `calibration_tokens`
+            tokens weigh the importance of each unit.
         calibration_tokens: how many tokens of it to run (in windows of up to 256).
 
     Returns:
@@ -206,15 +223,15 @@ def prune_model(
     """
     if Path(out).exists():
         raise LmscaleError(f"{out} already exists: choose a new --out")
-    if calibration_text is not None and config.method != "structured":
-        raise LmscaleError("calibration text is used by structured pruning only")
     model, tokenizer = load_pretrained(source)
     source_params = count_params(model)
-    calibration = None
-    if calibration_text is not None:
+    tokens = None
+    if config.method == "structured" and config.importance == "activation":
         context = min(256, model.config.max_seq_len)
-        calibration = text_windows(tokenizer, calibration_text, calibration_tokens, context)
-    pruning = prune_(model, config, calibration=calibration)
+        tokens = corpus_windows(tokenizer, calibration, calibration_tokens, context)
+    pruning = prune_(model, config, calibration=tokens)
+    if tokens is not None:
+        pruning["calibration"] = {"corpus": str(calibration), "tokens": tokens.numel()}
     config_json = {
         "model": to_dict(model.config), "tokenizer": tokenizer.settings, "pruning": pruning,
     }  # fmt: skip
@@ -222,19 +239,19 @@ def prune_model(
     return PruneResult(path, pruning, count_params(model), source_params)
 
 
-def text_windows(tokenizer: Tokenizer, path: str | Path, n_tokens: int, context: int) -> Tensor:
-    """The first `n_tokens` tokens of a text file as (B, context) windows (at least one)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise LmscaleError(f"cannot read calibration text {path}: {err}") from None
-    ids = tokenizer.encode(text)[:n_tokens]
+def corpus_windows(tokenizer: Tokenizer, corpus: str | Path, n_tokens: int, context: int) -> Tensor:
+    """The first `n_tokens` tokens of a corpus as (B, context) windows (one shorter one at least)."""
+    ids: list[int] = []
+    for document in iter_documents(corpus):
+        ids += tokenizer.encode(document.text[: 16 * n_tokens])  # ~4 characters a token
+        if len(ids) >= n_tokens:
+            break
+    ids = ids[:n_tokens]
+    if not ids:
+        raise LmscaleError(f"calibration corpus {corpus} holds no text")
     if len(ids) < context:
-        if not ids:
-            raise LmscaleError(f"calibration text {path} is empty")
         return torch.tensor([ids])
-    usable = len(ids) // context * context
-    return torch.tensor(ids[:usable]).view(-1, context)
+    return torch.tensor(ids[: len(ids) // context * context]).view(-1, context)
 
 
 def count_params(model: nn.Module) -> int:
