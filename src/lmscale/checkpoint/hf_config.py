@@ -64,6 +64,8 @@ def _from_llama(cfg: dict, model_type: str, source: str) -> ModelConfig:
     _check(attention_bias == mlp_bias, source, "attention_bias", (attention_bias, mlp_bias))
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or dim // n_heads
+    # NOTE: lmscale's own head-pruned models export with n_heads * head_dim < dim; importing
+    # such a folder back is not supported yet.
     _check(head_dim * n_heads == dim, source, "head_dim", head_dim)
     return _model_config(
         source,
@@ -179,10 +181,13 @@ def _to_llama(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def _to_gpt2(cfg: ModelConfig) -> dict[str, Any]:
-    if not cfg.bias or not cfg.tie_embeddings or cfg.n_kv_heads != cfg.n_heads or cfg.qkv_bias:
+    if (
+        not cfg.bias or not cfg.tie_embeddings or cfg.n_kv_heads != cfg.n_heads or cfg.qkv_bias
+        or cfg.q_dim != cfg.dim
+    ):  # fmt: skip
         raise LmscaleError(
             "only GPT-2 shaped models export as GPT2LMHeadModel: bias=True, tie_embeddings=True, "
-            "n_kv_heads=n_heads, qkv_bias=False"
+            "n_kv_heads=n_heads, qkv_bias=False, n_heads * head_dim = dim"
         )
     return {
         "architectures": ["GPT2LMHeadModel"],

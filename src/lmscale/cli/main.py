@@ -474,6 +474,55 @@ def quantize(args: argparse.Namespace, _: list[str]) -> None:
     )
 
 
+# --- prune -----------------------------------------------------------------------------------
+
+
+def prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument(
+        "--method", required=True, help="magnitude (unstructured), 2:4, or structured (heads+MLP)"
+    )
+    p.add_argument("--sparsity", type=float, required=True, help="fraction to remove, in (0, 1)")
+    p.add_argument(
+        "--scope", default="global", help="magnitude: one threshold (global) or one per layer"
+    )
+    p.add_argument(
+        "--importance", default="activation", help="structured: activation (default) or weight"
+    )
+    p.add_argument(
+        "--calibration", default="shakespeare",
+        help="structured: the corpus whose first 2048 tokens score units (a text file, folder, "
+        ".jsonl; default: the bundled Shakespeare)",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="folder to write (a native float model folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.epilog = (
+        "magnitude and 2:4 zero weights of the block linears in place (same shapes, a float "
+        "folder); structured removes the least important head groups and MLP channels of every "
+        "block, giving a smaller dense model. generate, chat, eval and serve load the folder."
+    )
+
+
+def prune(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.compress import PruneConfig, prune_model
+
+    config = PruneConfig(args.method, args.sparsity, args.scope, args.importance)
+    result = prune_model(args.model, config, args.out, calibration=args.calibration)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    pruning = result.pruning
+    shape = ""
+    if config.method == "structured":
+        before, after = pruning["before"], pruning["after"]
+        shape = "; ".join(f"{k} {before[k]} -> {after[k]}" for k in before) + "; "
+    print(
+        f"{config.method} at {config.sparsity}: {shape}{pruning['achieved']:.1%} of the block "
+        f"weights removed -> {result.out} ({result.params / 1e6:.1f}M parameters, "
+        f"{result.source_params / 1e6:.1f}M before)"
+    )
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
@@ -532,6 +581,7 @@ VERBS: dict[str, Verb] = {
     "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
     "export": (export_args, export, "write a model in another format (hf, native)"),
     "quantize": (quantize_args, quantize, "weight-only int8 / int4 quantization of a model"),
+    "prune": (prune_args, prune, "magnitude, 2:4 or structured pruning of a model"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
 }
 

@@ -32,6 +32,8 @@ class ModelConfig:
     """Number of query heads."""
     n_kv_heads: int | None = None
     """Number of key/value heads (grouped-query attention); None means n_heads."""
+    head_dim: int | None = None
+    """Width of one attention head; None means dim // n_heads (a head-pruned model sets it)."""
     hidden_dim: int | None = None
     """Width of the MLP; None means 4*dim (gpt2) or 8/3*dim rounded up to 64 (llama)."""
     max_seq_len: int = 256
@@ -71,10 +73,14 @@ class ModelConfig:
         ):
             if getattr(self, name) <= 0:
                 raise LmscaleError(f"model.{name} must be positive, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
-            raise LmscaleError(
-                f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
-            )
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise LmscaleError(
+                    f"model.dim ({self.dim}) must be divisible by model.n_heads ({self.n_heads})"
+                )
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim <= 0:
+            raise LmscaleError(f"model.head_dim must be positive, got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise LmscaleError(
                 f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads ({self.n_kv_heads})"
@@ -85,18 +91,19 @@ class ModelConfig:
             raise LmscaleError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def q_dim(self) -> int:
+        """Width of all query heads together: dim, unless `head_dim` was set apart from it."""
+        return self.n_heads * self.head_dim
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameter count computed from the shape (no model needed)."""
-        d, h, kv = self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim
-        attn = d * (d + 2 * kv) + d * d
+        d, h, kv, q = self.dim, self.hidden_dim, self.n_kv_heads * self.head_dim, self.q_dim
+        attn = d * (q + 2 * kv) + q * d
         mlp = (2 if self.family == "gpt2" else 3) * d * h
         norms = 2 * d * (2 if self.bias else 1)
-        biases = (d + 2 * kv + d + h + d) if self.bias else 0
+        biases = (q + 2 * kv + d + h + d) if self.bias else 0
         if self.qkv_bias and not self.bias:
-            biases = d + 2 * kv
+            biases = q + 2 * kv
         total = self.n_layers * (attn + mlp + norms + biases) + d * (2 if self.bias else 1)
         if embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
@@ -105,6 +112,9 @@ class ModelConfig:
         return total
 
     def replace(self, **changes) -> ModelConfig:
+        """A copy with `changes`; a head width derived from dim // n_heads is derived anew."""
+        if "head_dim" not in changes and self.head_dim == self.dim // self.n_heads:
+            changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
 

@@ -107,10 +107,10 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.n_rep = config.n_heads // config.n_kv_heads
         kv_dim = config.n_kv_heads * config.head_dim
-        self.wq = nn.Linear(config.dim, config.dim, bias=config.bias or config.qkv_bias)
+        self.wq = nn.Linear(config.dim, config.q_dim, bias=config.bias or config.qkv_bias)
         self.wk = nn.Linear(config.dim, kv_dim, bias=config.bias or config.qkv_bias)
         self.wv = nn.Linear(config.dim, kv_dim, bias=config.bias or config.qkv_bias)
-        self.wo = nn.Linear(config.dim, config.dim, bias=config.bias)
+        self.wo = nn.Linear(config.q_dim, config.dim, bias=config.bias)
         self.dropout = config.dropout
 
     def forward(

@@ -1,0 +1,110 @@
+"""Pruning the bundled SmolLM2-135M: perplexity after 2:4 and structured pruning, and speed.
+
+The numbers in the README's "Compression" section come from this test (run it with `-s`).
+Perplexity is on the first 2,040 scored tokens of *Hamlet* (windows of 256), as in
+test_smollm2.py; structured pruning calibrates on 2,048 tokens of *Macbeth*, so as not to score
+the text it was calibrated on. No recovery fine-tune: these are one-shot numbers.
+"""
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from lmscale.checkpoint import load_pretrained
+from lmscale.compress import PruneConfig, prune_
+from lmscale.data.corpus import iter_documents
+from lmscale.train.evaluate import evaluate
+
+pytestmark = pytest.mark.slow
+
+MODEL = "smollm2-135m-instruct"
+N_TOKENS, CONTEXT = 2048, 256
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: a busy second core slows every op down
+    try:
+        yield load_pretrained(MODEL)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def plays(smollm2):
+    _, tokenizer = smollm2
+    texts = {
+        doc.name: doc.text
+        for doc in iter_documents("shakespeare")
+        if doc.name in ("tragedies/hamlet", "tragedies/macbeth")
+    }
+    hamlet = np.asarray(tokenizer.encode(texts["tragedies/hamlet"][:40_000])[: N_TOKENS + 1])
+    macbeth = tokenizer.encode(texts["tragedies/macbeth"][:40_000])[:N_TOKENS]
+    return hamlet, torch.tensor(macbeth).view(-1, CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def float_perplexity(smollm2, plays):
+    result = evaluate(smollm2[0], plays[0], CONTEXT)
+    print(f"\nSmolLM2 float32: perplexity {result.perplexity:.2f}")
+    return result.perplexity
+
+
+def pruned(smollm2, plays, config):
+    model = copy.deepcopy(smollm2[0])
+    record = prune_(model, config, calibration=plays[1])
+    return model, record
+
+
+def test_two_four_and_structured_perplexity(smollm2, plays, float_perplexity):
+    results = {}
+    for name, config in {
+        "2:4": PruneConfig("2:4", 0.5),
+        "structured 25%, activation": PruneConfig("structured", 0.25),
+        "structured 25%, weight norms": PruneConfig("structured", 0.25, importance="weight"),
+        "structured 50%, activation": PruneConfig("structured", 0.5),
+    }.items():
+        model, record = pruned(smollm2, plays, config)
+        perplexity = evaluate(model, plays[0], CONTEXT).perplexity
+        results[name] = perplexity
+        shape = f", {record['after']}" if "after" in record else ""
+        print(
+            f"SmolLM2 {name}: perplexity {perplexity:.2f} ({perplexity / float_perplexity:.2f}x)"
+            f", {record['achieved']:.1%} of block weights removed{shape}"
+        )
+    # Loose bounds, well above what was measured (one-shot, no recovery fine-tune).
+    assert float_perplexity < results["structured 25%, activation"] < 3 * float_perplexity
+    assert float_perplexity < results["2:4"] < 100 * float_perplexity
+    assert results["structured 25%, activation"] < results["structured 25%, weight norms"]
+
+
+def forward_seconds(model, tokens, repeats=3):
+    """Best of `repeats` timed forward passes (after one warm-up)."""
+    with torch.inference_mode():
+        model(tokens)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(tokens)
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def test_a_structured_model_runs_faster(smollm2, plays):
+    tokens = plays[1][:2]  # (2, 256)
+    base = forward_seconds(smollm2[0], tokens)
+    print(f"\nSmolLM2 forward of {tuple(tokens.shape)} tokens, 1 thread: float32 {base:.3f} s")
+    times = {}
+    for sparsity in (0.25, 0.5):
+        model, record = pruned(smollm2, plays, PruneConfig("structured", sparsity))
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        times[sparsity] = forward_seconds(model, tokens)
+        print(
+            f"structured {sparsity:.0%} ({record['after']}, {params:.1f}M parameters): "
+            f"{times[sparsity]:.3f} s ({base / times[sparsity]:.2f}x faster)"
+        )
+    assert times[0.5] < 0.9 * base  # loose: the machine is shared
