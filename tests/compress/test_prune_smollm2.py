@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from lmscale.checkpoint import load_pretrained
 from lmscale.compress import PruneConfig, prune_
 from lmscale.data.corpus import iter_documents
 from lmscale.train.evaluate import evaluate
@@ -22,16 +21,6 @@ pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
 N_TOKENS, CONTEXT = 2048, 256
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: a busy second core slows every op down
-    try:
-        yield load_pretrained(MODEL)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

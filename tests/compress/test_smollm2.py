@@ -27,16 +27,6 @@ BOUNDS = {("int8", None): 1.01, ("int4", 32): 1.28, ("int4", 64): 1.27}
 
 
 @pytest.fixture(scope="module")
-def smollm2():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: a busy second core slows every op down
-    try:
-        yield load_pretrained(MODEL)
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def hamlet_tokens(smollm2):
     _, tokenizer = smollm2
     text = next(doc.text for doc in iter_documents("shakespeare") if doc.name == "tragedies/hamlet")
