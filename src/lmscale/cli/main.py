@@ -523,6 +523,48 @@ def prune(args: argparse.Namespace, _: list[str]) -> None:
     )
 
 
+# --- compress-report -------------------------------------------------------------------------
+
+
+def report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument("--text", required=True, help="held-out text file to score every variant on")
+    p.add_argument("--context", type=int, default=256, help="window length in tokens")
+    p.add_argument(
+        "--max-tokens", type=int, default=2048,
+        help="score this many tokens; structured pruning calibrates on the text after them",
+    )  # fmt: skip
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", help="also plot perplexity against size and speed (needs matplotlib)")
+    p.epilog = (
+        "Variants built in memory from the float model: float32, int8, int4 g32 (RTN), "
+        "structured 25%%. KL is mean KL(original || variant) of next-token distributions; "
+        "decode tok/s is rough (batch 1, 16 greedy tokens)."
+    )
+
+
+def compress_report(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.compress import compress_report as build_report
+    from lmscale.compress.report import markdown_table, plot_report
+
+    if args.context < 2 or args.max_tokens < 1:
+        raise LmscaleError("--context must be at least 2 and --max-tokens at least 1")
+    path = Path(args.text)
+    if not path.is_file():
+        raise LmscaleError(f"text file not found: {path}")
+    model, tokenizer = load_pretrained(args.model, dtype="float32")
+    tokens = tokenizer.encode(path.read_text())
+    context = min(args.context, model.config.max_seq_len)
+    rows = build_report(model, tokens, context, max_tokens=args.max_tokens)
+    if args.png:
+        plot_report(rows, args.png)
+    if args.json:
+        print(json.dumps({"context": context, "rows": [row.as_dict() for row in rows]}))
+        return
+    print(markdown_table(rows))
+
+
 # --- serve -----------------------------------------------------------------------------------
 
 
@@ -582,6 +624,7 @@ VERBS: dict[str, Verb] = {
     "export": (export_args, export, "write a model in another format (hf, native)"),
     "quantize": (quantize_args, quantize, "weight-only int8 / int4 quantization of a model"),
     "prune": (prune_args, prune, "magnitude, 2:4 or structured pruning of a model"),
+    "compress-report": (report_args, compress_report, "size, quality, speed of variants"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
 }
 
