@@ -103,7 +103,7 @@ def compress_report(
         context: window length in tokens (as in `evaluate`).
         variants: what to build; a variant named like the original (no config) gives KL 0.
         max_tokens: score only the first windows covering this many tokens; structured
-            pruning calibrates on the tokens after them, never on scored ones.
+            pruning calibrates on up to 2,048 tokens after them, never on scored ones.
         decode_tokens: greedy tokens timed per variant (after a short warm-up).
 
     Returns:
@@ -130,6 +130,10 @@ def compress_report(
     ]  # fmt: skip
 
 
+CALIBRATION_TOKENS = 2048
+"""Structured pruning's calibration budget, as in `prune_model`."""
+
+
 def _calibration(rest: np.ndarray, context: int, variants: Sequence[Variant]) -> Tensor | None:
     needs = any(
         v.prune is not None and v.prune.method == "structured" and v.prune.importance != "weight"
@@ -142,6 +146,7 @@ def _calibration(rest: np.ndarray, context: int, variants: Sequence[Variant]) ->
             "structured pruning calibrates on the text past the scored tokens, and none is left: "
             "give a longer --text or a smaller --max-tokens"
         )
+    rest = rest[:CALIBRATION_TOKENS]
     if len(rest) < context:
         return torch.from_numpy(rest)[None]
     return torch.from_numpy(rest[: len(rest) // context * context]).view(-1, context)
