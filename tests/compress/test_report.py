@@ -37,7 +37,7 @@ def tokens():
 
 @pytest.fixture(scope="module")
 def rows(model, tokens):
-    return compress_report(model, tokens, context=64, max_tokens=256, decode_tokens=4)
+    return compress_report(model, tokens, context=64, max_tokens=256)  # no speed: no tokenizer
 
 
 def test_the_original_row_matches_itself(rows):
@@ -60,12 +60,13 @@ def test_sizes_order_as_expected(rows):
     assert by_name["structured 25%"].bytes < original.bytes
     assert by_name["int8"].params == by_name["int4 g32 (RTN)"].params == original.params
     assert by_name["structured 25%"].params < original.params
-    assert all(row.decode_tok_s > 0 and np.isfinite(row.perplexity) for row in rows)
+    assert by_name["bfloat16"].bytes == original.bytes // 2
+    assert all(np.isfinite(row.perplexity) and row.decode_tok_s is None for row in rows)
 
 
 def test_the_original_model_is_left_unchanged(model, tokens):
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    compress_report(model, tokens, 64, [Variant("int8", quant=QuantConfig("int8"))], 128, 2)
+    compress_report(model, tokens, 64, [Variant("int8", quant=QuantConfig("int8"))], 128)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -81,15 +82,61 @@ def model_dir(tmp_path_factory, model, tokenizer):
     return save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
 
 
-def test_cli_json_parses(model_dir, tmp_path, capsys):
+def test_cli_measures_every_row_in_a_fresh_process_and_scores_saved_models(
+    model_dir, tmp_path, capsys
+):
+    """A saved int8 folder (--add) scores exactly as the in-memory int8 row: same RTN integers."""
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT * 40)
+    int8_dir = tmp_path / "int8"
+    assert main(["quantize", "--model", str(model_dir), "--method", "int8",
+                 "--out", str(int8_dir)]) in (0, None)  # fmt: skip
+    capsys.readouterr()
+    png = tmp_path / "report.png"
+    code = main(["compress-report", "--model", str(model_dir), "--text", str(text),
+                 "--context", "32", "--max-tokens", "128", "--decode-tokens", "4",
+                 "--variants", "float32,int8", "--add", f"saved int8={int8_dir}",
+                 "--png", str(png), "--json"])  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert code in (0, None) and report["context"] == 32
+    names = [row["variant"] for row in report["rows"]]
+    assert names == ["float32", "int8", "saved int8"]
+    rows = {row["variant"]: row for row in report["rows"]}
+    assert rows["float32"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rows["saved int8"]["kl"] == pytest.approx(rows["int8"]["kl"], rel=1e-4, abs=1e-7)
+    assert rows["saved int8"]["bytes"] == rows["int8"]["bytes"]
+    for row in report["rows"]:
+        assert row["peak_ram"] > 0 and row["prompt_tok_s"] > 0 and row["decode_tok_s"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_refuses_an_added_model_with_another_vocabulary(model_dir, tmp_path, capsys):
+    torch.manual_seed(1)
+    other = Transformer(ModelConfig(**PRESETS["tiny"] | {"vocab_size": 280}))
+    tok = Tokenizer.train([TEXT] * 20, 280)
+    other_dir = save_model_dir(
+        tmp_path / "other", other.state_dict(),
+        {"model": to_dict(other.config), "tokenizer": tok.settings}, tok.to_json(),
+    )  # fmt: skip
     text = tmp_path / "held_out.txt"
     text.write_text(TEXT * 40)
     code = main(["compress-report", "--model", str(model_dir), "--text", str(text),
-                 "--context", "32", "--max-tokens", "128", "--json"])  # fmt: skip
-    report = json.loads(capsys.readouterr().out)
-    assert code in (0, None) and report["context"] == 32
-    assert [row["variant"] for row in report["rows"]] == [v.name for v in DEFAULT_VARIANTS]
-    assert report["rows"][0]["kl"] == pytest.approx(0.0, abs=1e-6)
+                 "--context", "32", "--max-tokens", "128", "--no-speed",
+                 "--add", f"other={other_dir}"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "same tokenizer" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [(["--add", "nodir"], "NAME=DIR"), (["--variants", "float32,int3"], "unknown variant 'int3'")],
+)
+def test_cli_bad_rows_are_one_line_errors(model_dir, tmp_path, capsys, args, message):
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT)
+    code = main(["compress-report", "--model", str(model_dir), "--text", str(text), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err
 
 
 def test_cli_bad_model_is_a_one_line_error(tmp_path, capsys):

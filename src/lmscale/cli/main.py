@@ -534,29 +534,60 @@ def report_args(p: argparse.ArgumentParser) -> None:
         "--max-tokens", type=int, default=2048,
         help="score this many tokens; structured pruning calibrates on the text after them",
     )  # fmt: skip
+    p.add_argument(
+        "--add", action="append", default=[], metavar="NAME=DIR",
+        help="also score a saved model (distilled, GPTQ, pruned + recovered, ...); repeatable",
+    )  # fmt: skip
+    p.add_argument(
+        "--variants", help="comma-separated rows to build (default: all); e.g. float32,int8",
+    )  # fmt: skip
+    p.add_argument("--no-speed", action="store_true", help="skip peak RAM and speed (faster)")
+    p.add_argument("--decode-tokens", type=int, default=32, help="greedy tokens timed per row")
+    p.add_argument("--threads", type=int, help="torch threads for the speed runs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--png", help="also plot perplexity against size and speed (needs matplotlib)")
     p.epilog = (
-        "Variants built in memory from the float model: float32, int8, int4 g32 (RTN), "
-        "structured 25%%. KL is mean KL(original || variant) of next-token distributions; "
-        "decode tok/s is rough (batch 1, 16 greedy tokens)."
+        "Variants built in memory from the float model: float32, bfloat16, int8, int4 g32 (RTN), "
+        "structured 25%%, plus every --add. KL is mean KL(original || variant) of next-token "
+        "distributions. Peak RAM, prompt and decode tok/s (batch 1) are measured by loading each "
+        "variant, saved to a temporary folder, in a fresh process."
     )
 
 
 def compress_report(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.checkpoint import load_pretrained
+    from lmscale.compress import DEFAULT_VARIANTS, Variant
     from lmscale.compress import compress_report as build_report
     from lmscale.compress.report import markdown_table, plot_report
 
-    if args.context < 2 or args.max_tokens < 1:
-        raise LmscaleError("--context must be at least 2 and --max-tokens at least 1")
+    if args.context < 2 or args.max_tokens < 1 or args.decode_tokens < 1:
+        raise LmscaleError("--context must be at least 2, --max-tokens and --decode-tokens >= 1")
     path = Path(args.text)
     if not path.is_file():
         raise LmscaleError(f"text file not found: {path}")
+    variants = list(DEFAULT_VARIANTS)
+    if args.variants:
+        known = {variant.name: variant for variant in DEFAULT_VARIANTS}
+        wanted = [name.strip() for name in args.variants.split(",") if name.strip()]
+        unknown = [name for name in wanted if name not in known]
+        if unknown:
+            raise LmscaleError(f"unknown variant '{unknown[0]}' (choose from {', '.join(known)})")
+        variants = [known[name] for name in wanted]
+    for added in args.add:
+        name, sep, directory = added.partition("=")
+        if not sep or not name or not directory:
+            raise LmscaleError(f"--add takes NAME=DIR, got '{added}'")
+        if not Path(directory).exists():
+            raise LmscaleError(f"--add {name}: model not found: {directory}")
+        variants.append(Variant(name, path=directory))
     model, tokenizer = load_pretrained(args.model, dtype="float32")
     tokens = tokenizer.encode(path.read_text())
     context = min(args.context, model.config.max_seq_len)
-    rows = build_report(model, tokens, context, max_tokens=args.max_tokens)
+    speed = {"decode_tokens": args.decode_tokens, "threads": args.threads}
+    rows = build_report(
+        model, tokens, context, variants, max_tokens=args.max_tokens,
+        tokenizer=None if args.no_speed else tokenizer, speed=speed,
+    )  # fmt: skip
     if args.png:
         plot_report(rows, args.png)
     if args.json:

@@ -10,13 +10,18 @@ holds how far the variant's next-token distribution moved from the original's:
     top-1    share of scored positions whose argmax token differs from the original's
 
 Perplexity alone hides damage: a variant can keep the average likelihood while it reorders which
-token comes first. Decode speed is rough: batch 1, a few greedy tokens after a warm-up, one run.
+token comes first. Peak RAM and batch-1 prompt and decode speed come from `lmscale.compress.measure`:
+each variant is saved to a temporary folder and loaded by a fresh process, as a user would run it.
+
+A row may also be a model saved elsewhere (`Variant(name, path=DIR)`: a distilled student, a
+GPTQ-quantized folder): it is loaded as is and scored against the same original, so its
+tokenizer must be the original's.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,12 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmscale.checkpoint import load_pretrained, save_model_dir
+from lmscale.compress.measure import Speed, measure
 from lmscale.compress.prune import PruneConfig, count_params, prune_
-from lmscale.compress.quantize import QuantConfig, quantize_
-from lmscale.compress.save import state_bytes
+from lmscale.compress.quantize import QuantConfig, quantization_of, quantize_
+from lmscale.compress.save import save_quantized, state_bytes
+from lmscale.config import to_dict
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
 from lmscale.model.quantized import QuantizedLinear
+from lmscale.tokenizer import Tokenizer
 from lmscale.train.evaluate import windows
 
 
@@ -45,10 +54,15 @@ class Variant:
     """Weight-only quantization to apply, or None."""
     prune: PruneConfig | None = None
     """Pruning to apply (before any quantization), or None."""
+    dtype: str = "float32"
+    """The float dtype the variant runs in (its unquantized weights and activations)."""
+    path: str | None = None
+    """A saved model to load as this row instead of building one from the original."""
 
 
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("float32"),
+    Variant("bfloat16", dtype="bfloat16"),
     Variant("int8", quant=QuantConfig("int8")),
     Variant("int4 g32 (RTN)", quant=QuantConfig("int4", 32)),
     Variant("structured 25%", prune=PruneConfig("structured", 0.25)),
@@ -70,16 +84,23 @@ class Row:
     """Mean KL(original || variant) of the next-token distributions, nats."""
     top1_changed: float
     """Share of scored positions whose most likely token differs from the original's."""
-    decode_tok_s: float
-    """Rough batch-1 greedy decode speed on this machine."""
+    peak_ram: int | None = None
+    """Bytes a fresh process grew by to load and run it (None: speed not measured)."""
+    prompt_tok_s: float | None = None
+    """Batch-1 prompt (prefill) tokens/s on this machine."""
+    decode_tok_s: float | None = None
+    """Batch-1 greedy decode tokens/s on this machine."""
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 def build_variant(model: Transformer, variant: Variant, calibration: Tensor | None) -> Transformer:
-    """A compressed copy of `model`; the original is left unchanged."""
-    copy_ = copy.deepcopy(model)
+    """A compressed copy of `model` (or the saved model `variant.path`); `model` is unchanged."""
+    if variant.path is not None:
+        loaded, _ = load_pretrained(variant.path, dtype=variant.dtype)
+        return loaded.eval()
+    copy_ = copy.deepcopy(model).to(getattr(torch, variant.dtype))
     if variant.prune is not None:
         prune_(copy_, variant.prune, calibration=calibration)
     if variant.quant is not None:
@@ -93,7 +114,8 @@ def compress_report(
     context: int,
     variants: Sequence[Variant] = DEFAULT_VARIANTS,
     max_tokens: int | None = None,
-    decode_tokens: int = 16,
+    tokenizer: Tokenizer | None = None,
+    speed: dict | None = None,
 ) -> list[Row]:
     """Build every variant from `source` and measure it against `source` on the same text.
 
@@ -104,7 +126,10 @@ def compress_report(
         variants: what to build; a variant named like the original (no config) gives KL 0.
         max_tokens: score only the first windows covering this many tokens; structured
             pruning calibrates on up to 2,048 tokens after them, never on scored ones.
-        decode_tokens: greedy tokens timed per variant (after a short warm-up).
+        tokenizer: the original's tokenizer; with it, every variant is saved and measured for
+            peak RAM and speed in a fresh process (`lmscale.compress.measure`); without, those
+            columns stay None.
+        speed: keyword arguments for `measure` (prompt_tokens, decode_tokens, repeats, threads).
 
     Returns:
         One `Row` per variant, in order.
@@ -120,14 +145,41 @@ def compress_report(
     scored_end = sum(len(chunk) for chunk in chunks)
     calibration = _calibration(tokens[scored_end:], context, variants)
     models = [build_variant(source, variant, calibration) for variant in variants]
+    for variant, model in zip(variants, models, strict=True):
+        if model.config.vocab_size != source.config.vocab_size:
+            raise LmscaleError(
+                f"variant '{variant.name}' has a vocabulary of {model.config.vocab_size}, the "
+                f"original {source.config.vocab_size}: KL needs the same tokenizer"
+            )
     sums = _score(source, models, chunks)
-    prompt = chunks[0][: min(16, len(chunks[0]))].tolist()
-    return [
+    rows = [
         Row(variant.name, logical_params(model), state_bytes(model),
             float(np.exp(total["nll"] / total["count"])), total["kl"] / total["count"],
-            total["changed"] / total["count"], decode_speed(model, prompt, decode_tokens))
+            total["changed"] / total["count"])
         for variant, model, total in zip(variants, models, sums, strict=True)
     ]  # fmt: skip
+    if tokenizer is not None:
+        for variant, model, row in zip(variants, models, rows, strict=True):
+            measured = _measure_saved(variant, model, tokenizer, speed or {})
+            row.peak_ram, row.prompt_tok_s = measured.peak_ram, measured.prompt_tok_s
+            row.decode_tok_s = measured.decode_tok_s
+    return rows
+
+
+def _measure_saved(
+    variant: Variant, model: Transformer, tokenizer: Tokenizer, speed: dict
+) -> Speed:
+    """Save `model` to a temporary folder (unless it came from one) and measure it there."""
+    if variant.path is not None:
+        return measure(variant.path, variant.dtype, **speed)
+    with tempfile.TemporaryDirectory(prefix="lmscale-report-") as tmp:
+        out = Path(tmp) / "model"
+        if quantization_of(model) is not None:
+            save_quantized(model, tokenizer, out)
+        else:
+            config = {"model": to_dict(model.config), "tokenizer": tokenizer.settings}
+            save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
+        return measure(out, variant.dtype, **speed)
 
 
 CALIBRATION_TOKENS = 2048
@@ -179,66 +231,50 @@ def logical_params(model: nn.Module) -> int:
     return count_params(model) + quantized
 
 
-def decode_speed(model: Transformer, prompt: list[int], n_tokens: int) -> float:
-    """Rough batch-1 greedy decode tokens/s: one warm-up, then one timed run of `n_tokens`.
-
-    NOTE: the loop of `lmscale.engine.generate_ids`, written out here because `compress` sits
-    below `engine` in DESIGN.md's dependency order; the prefill is timed with the decode.
-    """
-    n_tokens = max(1, min(n_tokens, model.config.max_seq_len - len(prompt)))
-    greedy_decode(model, prompt, min(2, n_tokens))  # warm-up
-    start = time.perf_counter()
-    greedy_decode(model, prompt, n_tokens)
-    return n_tokens / max(time.perf_counter() - start, 1e-9)
-
-
-@torch.inference_mode()
-def greedy_decode(model: Transformer, prompt: list[int], n_tokens: int) -> list[int]:
-    """`n_tokens` greedy ids after `prompt`, through the KV cache."""
-    cache = model.new_cache(1, len(prompt) + n_tokens)
-    tokens = torch.tensor([prompt], device=model.tok_embeddings.weight.device)  # (1, T)
-    out = []
-    for _ in range(n_tokens):
-        hidden = model.hidden_states(tokens, cache)[:, -1]  # (1, dim)
-        tokens = model.output(hidden).argmax(-1, keepdim=True)  # (1, 1)
-        out.append(int(tokens))
-    return out
-
-
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a Markdown table, sizes and ratios against the first row."""
     first = rows[0]
     lines = [
-        "| variant | params | MB | vs first | perplexity | KL (nats) | top-1 changed "
-        "| decode tok/s (rough) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | params | MB | vs first | peak RAM MB | prompt tok/s | decode tok/s "
+        "| perplexity | KL (nats) | top-1 changed |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         lines.append(
             f"| {row.variant} | {row.params / 1e6:.2f}M | {row.bytes / 1e6:.1f} "
-            f"| {row.bytes / first.bytes:.2f}x | {row.perplexity:.2f} | {row.kl:.4f} "
-            f"| {row.top1_changed:.1%} | {row.decode_tok_s:.0f} |"
+            f"| {row.bytes / first.bytes:.2f}x | {_maybe(row.peak_ram, 1e-6)} "
+            f"| {_maybe(row.prompt_tok_s)} | {_maybe(row.decode_tok_s, digits=1)} "
+            f"| {row.perplexity:.2f} | {row.kl:.4f} | {row.top1_changed:.1%} |"
         )
     return "\n".join(lines)
 
 
+def _maybe(value: float | None, scale: float = 1.0, digits: int = 0) -> str:
+    return "-" if value is None else f"{value * scale:.{digits}f}"
+
+
 def plot_report(rows: list[Row], path: str | Path) -> Path:
-    """Two panels, perplexity against MB and against decode tok/s, saved as a PNG."""
+    """Perplexity against MB on disk and (when measured) against decode tok/s, as a PNG."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise LmscaleError("--png needs matplotlib, which is not installed") from None
-    figure, (by_size, by_speed) = plt.subplots(1, 2, figsize=(10, 4))
-    for axes, key, label in ((by_size, "bytes", "MB"), (by_speed, "decode_tok_s", "tok/s")):
+        raise LmscaleError("--png needs matplotlib: pip install matplotlib") from None
+    panels = [("bytes", "MB on disk", 1e-6)]
+    if all(row.decode_tok_s is not None for row in rows):
+        panels.append(("decode_tok_s", "decode tokens/s (batch 1)", 1.0))
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for axes, (key, label, scale) in zip(axes_list[0], panels, strict=True):
         for row in rows:
-            x = getattr(row, key) / (1e6 if key == "bytes" else 1)
+            x = getattr(row, key) * scale
             axes.scatter(x, row.perplexity)
             axes.annotate(row.variant, (x, row.perplexity), fontsize=8)
-        axes.set_xlabel(label + (" (rough, batch 1)" if key == "decode_tok_s" else ""))
-        axes.set_ylabel("perplexity")
+        axes.set_xlabel(label)
+        axes.set_ylabel("perplexity (held-out text)")
+        axes.set_yscale("log")
+        axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
