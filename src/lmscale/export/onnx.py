@@ -51,6 +51,16 @@ def require_onnx() -> None:
         ) from None
 
 
+def check_out_dir(out: str | Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Raise LmscaleError unless `out` can take an export (checked before loading a model)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmscaleError(f"{out} exists and is not an empty folder")
+    if opset < 18:
+        raise LmscaleError(f"--opset must be 18 or newer (the exporter's minimum), got {opset}")
+    return out
+
+
 def export_onnx(
     model: Transformer, tokenizer: Tokenizer | None, out: str | Path, opset: int = DEFAULT_OPSET
 ) -> Path:
@@ -66,11 +76,7 @@ def export_onnx(
         The folder.
     """
     require_onnx()
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise LmscaleError(f"{out} exists and is not an empty folder")
-    if opset < 18:
-        raise LmscaleError(f"--opset must be 18 or newer (the exporter's minimum), got {opset}")
+    out = check_out_dir(out, opset)
     decoder = PastKeyValuesDecoder(_export_copy(model)).eval()
     program = _torch_export(decoder, opset)
     out.mkdir(parents=True, exist_ok=True)
