@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 ORDER = [
-    "model", "tokenizer", "data", "checkpoint", "parallel", "train", "compress", "finetune",
-    "engine", "serve", "plan", "cli",
+    "model", "tokenizer", "data", "checkpoint", "parallel", "train", "compress", "export",
+    "finetune", "engine", "serve", "plan", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmscale"
 

@@ -48,7 +48,7 @@ def test_export_hf_round_trip_loads_in_transformers(tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [(("chat", "--model", "nonexistent"), "model not found"),
-     (("export", "onnx", "--model", MODEL, "--out", "x"), "unknown export format"),
+     (("export", "tflite", "--model", MODEL, "--out", "x"), "unknown export format"),
      (("export", "hf", "--model", MODEL, "--out", "x", "--dtype", "int8"), "--dtype")],
 )  # fmt: skip
 def test_user_mistakes_are_one_line_and_exit_2(args, message):

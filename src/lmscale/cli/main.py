@@ -383,20 +383,21 @@ def _user_lines(interactive: bool):
 
 # --- export ----------------------------------------------------------------------------------
 
-EXPORT_FORMATS = ("hf", "native")
+EXPORT_FORMATS = ("hf", "native", "onnx")
 
 
 def export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "format",
-        help="hf (a Hugging Face transformers folder) or native (one lmscale safetensors folder,"
-        " e.g. the gathered weights of a distributed run)",
+        help="hf (a Hugging Face transformers folder), native (one lmscale safetensors folder,"
+        " e.g. the gathered weights of a distributed run) or onnx (onnxruntime, KV cache)",
     )
     p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument(
         "--dtype", default=None, help="float32, bfloat16 or float16 (default: the model's)"
     )
+    p.add_argument("--opset", type=int, default=18, help="onnx: the ONNX opset (default 18)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -409,6 +410,8 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
         )
     if args.dtype not in (None, "float32", "bfloat16", "float16"):
         raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
+    if args.format == "onnx":
+        return _export_onnx(args)
     model, tokenizer = load_pretrained(args.model)
     from lmscale.compress.quantize import quantization_of
 
@@ -424,6 +427,28 @@ def export(args: argparse.Namespace, _: list[str]) -> None:
     if args.json:
         print(json.dumps({"format": args.format, "out": str(out), "model": args.model}))
         return
+    print(out)
+
+
+def _export_onnx(args: argparse.Namespace) -> None:
+    from lmscale.export.onnx import check_out_dir, export_onnx, require_onnx, verify_onnx
+
+    require_onnx()
+    check_out_dir(args.out, args.opset)
+    if args.dtype not in (None, "float32"):
+        raise LmscaleError("export onnx writes float32 (and quantized layers as integers)")
+    from lmscale.checkpoint import load_pretrained
+
+    model, tokenizer = load_pretrained(args.model, dtype="float32")
+    out = export_onnx(model, tokenizer, args.out, opset=args.opset)
+    check = verify_onnx(model, out)
+    worst = max(check.values())
+    if worst > 1e-3:
+        raise LmscaleError(f"onnxruntime's logits differ from lmscale's by {worst:.2g} (> 1e-3)")
+    if args.json:
+        print(json.dumps({"format": "onnx", "out": str(out), "model": args.model} | check))
+        return
+    print(f"onnxruntime vs lmscale logits: max abs diff {worst:.2g}", file=sys.stderr)
     print(out)
 
 
@@ -652,7 +677,7 @@ VERBS: dict[str, Verb] = {
     "eval": (eval_args, evaluate, "loss and perplexity of a model on data or a text file"),
     "generate": (generate_args, generate, "continue a prompt, streaming tokens"),
     "chat": (chat_args, chat, "chat with a model on stdin/stdout, using its chat template"),
-    "export": (export_args, export, "write a model in another format (hf, native)"),
+    "export": (export_args, export, "write a model in another format (hf, native, onnx)"),
     "quantize": (quantize_args, quantize, "weight-only int8 / int4 quantization of a model"),
     "prune": (prune_args, prune, "magnitude, 2:4 or structured pruning of a model"),
     "compress-report": (report_args, compress_report, "size, quality, speed of variants"),
