@@ -298,6 +298,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
 
 
 def generate(args: argparse.Namespace, _: list[str]) -> None:
@@ -311,6 +312,7 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    _apply_adapter(model, args.adapter)
     decode_layout_(model)
     ids = generate_ids(
         model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids
@@ -326,6 +328,13 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
     sys.stdout.write("\n")
 
 
+def _apply_adapter(model, adapter: str | None) -> None:
+    if adapter is not None:
+        from lmscale.finetune.adapter import load_adapter
+
+        load_adapter(model, adapter)
+
+
 # --- chat ------------------------------------------------------------------------------------
 
 
@@ -338,6 +347,7 @@ def chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
     p.epilog = "One message per line on stdin; /reset clears the history, /exit (or EOF) ends."
 
 
@@ -352,6 +362,7 @@ def chat(args: argparse.Namespace, _: list[str]) -> None:
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )  # fmt: skip
     model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    _apply_adapter(model, args.adapter)
     session = ChatSession(decode_layout_(model), tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     for line in _user_lines(interactive):
@@ -670,6 +681,74 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
     )  # fmt: skip
 
 
+# --- finetune, merge -------------------------------------------------------------------------
+
+
+def finetune_args(p: argparse.ArgumentParser) -> None:
+    kinds = p.add_subparsers(title="kinds", metavar="KIND", required=True)
+    lora = kinds.add_parser("lora", help="train a LoRA / QLoRA adapter on chat JSONL")
+    lora.set_defaults(run=finetune_lora)
+    lora.add_argument("--model", default="smollm2-135m-instruct", help="the base model")
+    lora.add_argument(
+        "--data", required=True, help='JSONL of {"messages": [...]}, or shakespeare-speakers'
+    )
+    lora.add_argument("--out", required=True, help="adapter folder to write")
+    lora.add_argument("--rank", type=int, default=8)
+    lora.add_argument("--alpha", type=float, default=16.0)
+    lora.add_argument("--dropout", type=float, default=0.0)
+    lora.add_argument(
+        "--targets", default="q,k,v,o", help="q,k,v,o,gate,up,down, all-linear or name patterns"
+    )
+    lora.add_argument("--quantize", default=None, help="QLoRA: int4 or int8 frozen base")
+    lora.add_argument("--group-size", type=int, default=None, help="int4 group size (32)")
+    lora.add_argument("--no-packing", action="store_true", help="one conversation per row")
+    for flag, kind, default in (
+        ("--lr", float, 2e-4), ("--steps", int, 100), ("--batch-size", int, 4),
+        ("--max-length", int, 512), ("--warmup-steps", int, 10), ("--seed", int, 0),
+        ("--log-interval", int, 10),
+    ):  # fmt: skip
+        lora.add_argument(flag, type=kind, default=default)
+    lora.add_argument("--dtype", default="float32", help="autocast: float32, bfloat16, float16")
+    lora.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    lora.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def finetune_lora(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.finetune.lora import LoRAConfig
+    from lmscale.finetune.sft import SFTConfig, finetune_lora
+
+    lora = LoRAConfig(args.rank, args.alpha, args.dropout, args.targets)
+    config = SFTConfig(
+        model=args.model, data=args.data, steps=args.steps, batch_size=args.batch_size,
+        max_length=args.max_length, packing=not args.no_packing, lr=args.lr,
+        warmup_steps=args.warmup_steps, quantize=args.quantize, group_size=args.group_size,
+        dtype=args.dtype, device=args.device, seed=args.seed, log_interval=args.log_interval,
+    )  # fmt: skip
+    summary = finetune_lora(config, lora, args.out, progress=not args.json)
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+        return
+    print(
+        f"loss {summary.first_loss:.4f} -> {summary.loss:.4f} after {summary.steps} steps; "
+        f"{summary.trainable_params:,} of {summary.total_params:,} parameters trained -> "
+        f"{summary.out}"
+    )
+
+
+def merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, help="a LoRA adapter folder")
+    p.add_argument("--out", required=True, help="folder to write (a native model folder)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def merge(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.finetune.merge import merge_adapter
+
+    out = merge_adapter(args.model, args.adapter, args.out)
+    print(json.dumps({"out": str(out)}) if args.json else out)
+
+
 Verb = tuple[Callable[[argparse.ArgumentParser], None], Callable, str]
 VERBS: dict[str, Verb] = {
     "prepare": (prepare_args, prepare, "tokenize a corpus into shards with a manifest"),
@@ -682,6 +761,8 @@ VERBS: dict[str, Verb] = {
     "prune": (prune_args, prune, "magnitude, 2:4 or structured pruning of a model"),
     "compress-report": (report_args, compress_report, "size, quality, speed of variants"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
+    "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters on chat data"),
+    "merge": (merge_args, merge, "fold a LoRA adapter into its base model, save a model folder"),
 }
 
 if __name__ == "__main__":

@@ -45,8 +45,9 @@ FORMAT = "lmscale-lora-1"
 
 
 def save_adapter(
-    model: nn.Module, out: str | Path, config: LoRAConfig, name: str = DEFAULT_ADAPTER
-) -> Path:
+    model: nn.Module, out: str | Path, config: LoRAConfig, name: str = DEFAULT_ADAPTER,
+    extra: dict | None = None,
+) -> Path:  # fmt: skip
     """Write adapter `name` of `model` to the folder `out` (created; files replaced atomically).
 
     Args:
@@ -54,6 +55,8 @@ def save_adapter(
         out: the adapter folder.
         config: the adapter's `LoRAConfig` (rank, alpha, dropout, targets as the user gave them).
         name: which adapter.
+        extra: more JSON-able fields for adapter_config.json (e.g. the base model's name and
+            the training settings).
 
     Returns:
         The folder.
@@ -66,7 +69,7 @@ def save_adapter(
         "format": FORMAT, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
         "targets": list(config.targets), "modules": modules,
         "base": fingerprint(model, modules), "base_quantization": base_quantization(model),
-    }  # fmt: skip
+    } | (extra or {})  # fmt: skip
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))
