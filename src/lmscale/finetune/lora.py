@@ -99,6 +99,7 @@ class LoRALinear(nn.Module):
         """The adapter that runs; None runs the base alone."""
         self.merged: str | None = None
         """The adapter whose update is folded into the base weight, if any."""
+        self.train(base.training)
 
     @property
     def in_features(self) -> int:
@@ -119,7 +120,8 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))  # nn.Linear's own init, as PEFT
         nn.init.zeros_(b.weight)
         self.lora_A[name], self.lora_B[name] = a, b
-        self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
+        self.lora_dropout[name] = dropout.train(self.training)  # a model in eval stays in eval
         self.scaling[name] = config.scaling
         self.active = name
 
