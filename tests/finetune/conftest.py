@@ -16,6 +16,15 @@ CHAT_TEMPLATE = (
 )
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run on one thread: the machine is shared, and a busy second core slows every op down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     _, pairs = speeches()
