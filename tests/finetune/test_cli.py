@@ -58,3 +58,15 @@ def test_finetune_then_generate_with_adapter_then_merge(tiny_model_dir, chat_jso
     refused = lmscale(*common, "--model", merged, "--adapter", adapter)
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "already merged in" in refused.stderr
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    base = ["finetune", "lora", "--model", tiny_model_dir, "--out", tmp_path / "ad"]
+    out = lmscale(*base, "--data", bad)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "bad.jsonl line 1: no assistant message" in out.stderr
+    out = lmscale(*base, "--data", "shakespeare-speakers", "--targets", "q,nope")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1
+    assert "LoRA target 'nope' matches no linear layer" in out.stderr

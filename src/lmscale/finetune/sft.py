@@ -129,8 +129,9 @@ def finetune_lora(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise LmscaleError("finetune lora runs on one process for now; start it without torchrun")
     device = resolve_device(config.device)
+    conversations = _conversations(config.data)  # a bad file fails before the model loads
     model, tokenizer = load_pretrained(config.model, device)
-    rows = build_rows(tokenizer, _conversations(config.data), config.max_length, config.packing)
+    rows = build_rows(tokenizer, conversations, config.max_length, config.packing)
     torch.manual_seed(config.seed)
     if config.quantize:
         quantize_(model, QuantConfig(config.quantize, config.group_size))
