@@ -138,7 +138,11 @@ def test_a_probe_on_smollm2_beats_the_majority_baseline_on_unseen_plays():
     from lmscale.checkpoint import load_pretrained
 
     model, tokenizer = load_pretrained("smollm2-135m-instruct", dtype="bfloat16")
-    train, val, test = _genre_sample("train", 24), _genre_sample("val", 10), _genre_sample("test", 15)
+    train, val, test = (
+        _genre_sample("train", 24),
+        _genre_sample("val", 10),
+        _genre_sample("test", 15),
+    )
     settings = ClassifyConfig(train="head", pooling="mean", max_length=96, head_epochs=200,
                               head_lr=1e-2)  # fmt: skip
     as_data = [encode(tokenizer, [e.text for e in s], [e.label for e in s], GENRES, 96)
