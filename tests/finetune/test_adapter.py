@@ -85,3 +85,21 @@ def test_qlora_adapter_quantizes_its_float_base_as_in_training(tiny_model, tmp_p
 def test_not_an_adapter_folder(tiny_model, tmp_path):
     with pytest.raises(LmscaleError, match="not an adapter folder"):
         load_adapter(tiny_model, tmp_path)
+
+
+def test_merging_a_qlora_adapter_writes_a_folder_computing_the_same(tiny_model_dir, tmp_path):
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.finetune.merge import merge_adapter
+
+    model, _ = load_pretrained(tiny_model_dir)
+    quantize_(model, QuantConfig("int4", 32))
+    trained_adapter(model)
+    save_adapter(model, tmp_path / "ad", CONFIG_QV)
+    merge_adapter(tiny_model_dir, tmp_path / "ad", tmp_path / "merged")
+    merged, _ = load_pretrained(tmp_path / "merged")
+    assert type(merged.layers[0].attention.wq) is torch.nn.Linear  # adapted: float
+    assert isinstance(merged.layers[0].attention.wk, QuantizedLinear)  # the rest keeps its ints
+    with torch.no_grad():
+        assert (merged(TOKENS) - model(TOKENS)).abs().max() <= 1e-5
+    with pytest.raises(LmscaleError, match="already exists"):
+        merge_adapter(tiny_model_dir, tmp_path / "ad", tmp_path / "merged")
