@@ -65,7 +65,9 @@ class ClassifyConfig:
 
     def __post_init__(self) -> None:
         if self.train not in TRAIN_MODES:
-            raise LmscaleError(f"unknown training mode '{self.train}' (choose from full, head, lora)")
+            raise LmscaleError(
+                f"unknown training mode '{self.train}' (choose from full, head, lora)"
+            )
         if self.pooling not in POOLINGS:
             raise LmscaleError(f"unknown pooling '{self.pooling}' (choose from last, mean)")
         for name in ("max_length", "batch_size", "steps", "head_epochs", "eval_every"):
@@ -289,7 +291,9 @@ def _train_head(
         if accuracy > best[0]:
             best = (accuracy, {k: v.clone() for k, v in probe.state_dict().items()})
         if epoch % max(1, config.head_epochs // 5) == 0:
-            log(f"epoch {epoch}/{config.head_epochs}: loss {loss.item():.4f}, val acc {accuracy:.3f}")
+            log(
+                f"epoch {epoch}/{config.head_epochs}: loss {loss.item():.4f}, val acc {accuracy:.3f}"
+            )
     probe.load_state_dict(best[1])
     with torch.no_grad():  # fold the standardisation into the head: head(h) = probe((h - m) / s)
         weight = probe.weight / std
