@@ -17,7 +17,7 @@ from lmscale.compress import QuantConfig, quantization_of, quantize_
 from lmscale.compress.save import save_quantized
 from lmscale.config import to_dict
 from lmscale.errors import LmscaleError
-from lmscale.model import Transformer, preset
+from lmscale.model import Transformer, decode_layout_, preset
 from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
 from lmscale.tokenizer import Tokenizer
 
@@ -191,3 +191,15 @@ def test_deepcopy_of_a_layer_that_ran_rebuilds_its_kernel():
     y = layer(x)
     twin = copy.deepcopy(layer)
     assert twin._kernel is None and torch.equal(twin(x), y)
+
+
+def test_the_decode_layout_leaves_quantized_layers_alone(tiny_dir):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, embeddings="int8"))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tokens = torch.tensor([tokenizer.encode("to be or not")])
+    logits = model(tokens)
+    decode_layout_(model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.is_contiguous(), name
+    assert torch.equal(model(tokens), logits)

@@ -25,9 +25,11 @@ Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
 
     int8          `torch._weight_int8pack_mm` on bfloat16 activations (its float32 path is
                   ~10x slower than a float32 matmul here; float16 has no fast CPU path either)
-    int8-dynamic  fbgemm's `quantized::linear_dynamic`: each row of x is quantized to int8 at run
-                  time and multiplied int8 x int8 (`torch._int_mm` is as fast for one matmul but
-                  its per-token quantize/rescale in Python costs more than it saves)
+    int8-dynamic  each token (row of x) is quantized to int8 at run time (symmetric, its own
+                  scale), then `torch._int_mm` (int8 x int8 -> int32) and one rescale. NOTE:
+                  fbgemm's `quantized::linear_dynamic` was tried first: it uses ONE scale for
+                  the whole input, and SmolLM2's outlier activations then cost perplexity
+                  17.7 -> 28.8 (reduce_range=True: 56.5) on 1,024 Hamlet tokens
     int4          `torch._weight_int4pack_mm_for_cpu` on bfloat16 activations; its contract
                   (checked by tests): weight = `_convert_weight_to_int4pack_for_cpu(q int32
                   (N, K) in 0..15, inner_k_tiles)`, N a multiple of 16 (we pad), group 32..256
@@ -38,13 +40,20 @@ Float32 activations are cast to bfloat16 for the int8/int4 kernels and the resul
 that bfloat16 rounding is the only difference from the reference (tests bound it; the
 perplexity cost on SmolLM2 is in BENCHMARKS.md / bench/compress.py).
 
-NOTE on torchao (0.18, installed in the dev venv), tried with torch 2.13 on this CPU: see
-TORCHAO_NOTE below; it is not used.
+NOTE: torchao is not used; it gives no speed on the CPU here. Tried (torchao 0.18, torch 2.13,
+2-core AMD EPYC with AVX-512 BF16/VNNI; 40 linears 576 -> 1536 at batch 1, 2 threads, busy
+machine; float32 34 ms per pass, bf16 145 ms):
+    Int8WeightOnlyConfig (bf16)                    236 ms   (Int8Tensor subclass, eager dispatch)
+    Int8WeightOnlyConfig (fp32)                    564 ms
+    Int8DynamicActivationInt8WeightConfig (fp32)  1153 ms
+    Int4WeightOnlyConfig(group_size=32)            ImportError: requires mslk >= 1.0.0 (a GPU
+                                                   kernel library); int4_packing_format="opaque"
+                                                   (its former CPU format) is "Unsupported"
+while the raw ops it wraps (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) run
+the same layers several times faster than float32. So the raw ops are called directly.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +64,6 @@ from lmscale.errors import LmscaleError
 METHODS = ("int8", "int8-dynamic", "int4")
 EMBEDDING_METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-
-TORCHAO_NOTE = """torchao 0.18 with torch 2.13 (CPU) was filled in by bench runs; see the report."""
 
 _KERNEL_DTYPE = torch.bfloat16
 """The activation dtype of the CPU weight-only kernels (the only one they are fast in)."""
@@ -192,8 +199,11 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.method == "int8-dynamic":
-            packed = self._kernel_state(torch.float32)
-            y = torch.ops.quantized.linear_dynamic(x2.float().contiguous(), packed, False)
+            weight_t, scales = self._kernel_state(torch.float32)
+            x2 = x2.float()
+            x_scales = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # per token
+            x_int8 = torch.round(x2 / x_scales).to(torch.int8)
+            y = torch._int_mm(x_int8, weight_t) * (x_scales * scales)
         elif self.method == "int8":
             weight, scales = self._kernel_state(_KERNEL_DTYPE)
             y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), weight, scales)
@@ -236,14 +246,7 @@ class QuantizedLinear(nn.Module):
                     weight = weight.clone()
                 return weight, self.scales.to(dtype).contiguous()
             if self.method == "int8-dynamic":
-                scales = self.scales.double().clamp(min=1e-30)  # fbgemm refuses a zero scale
-                zero_points = torch.zeros(self.out_features, dtype=torch.long)
-                with warnings.catch_warnings():  # quantized tensors are deprecated, fbgemm is not
-                    warnings.simplefilter("ignore")
-                    weight = torch._make_per_channel_quantized_tensor(
-                        self.qweight.cpu(), scales.cpu(), zero_points, 0
-                    )  # fmt: skip
-                    return torch.ops.quantized.linear_prepack(weight, None)
+                return self.qweight.t().contiguous(), self.scales.float()  # (in, out) for _int_mm
             q, scales, zeros = self.codes()
             pad = -self.out_features % 16  # the kernel needs N % 16 == 0
             q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
