@@ -98,7 +98,7 @@ def save_and_load(model: Transformer, tokenizer, variant, folder: Path) -> tuple
     else:
         dtype = getattr(torch, variant)
         config = {"model": to_dict(model.config), "tokenizer": tokenizer.settings}
-        state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        state = copy.deepcopy(model).to(dtype).state_dict()  # a tied head stays one tensor
         save_model_dir(folder, state, config, tokenizer.to_json())
         loaded, _ = load_pretrained(folder, dtype=dtype)
     return decode_layout_(loaded), (folder / "model.safetensors").stat().st_size

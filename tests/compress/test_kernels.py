@@ -175,7 +175,7 @@ def test_cli_quantizes_embeddings_and_eval_and_generate_run_the_folder(tiny_dir,
     assert not out.exists()
     done = lmscale("quantize", "--model", tiny_dir, "--method", "int4", "--out", out)
     assert done.returncode == 0, done.stderr
-    assert "int4 embeddings" in done.stdout  # the int4 default
+    assert "int8 embeddings" in done.stdout  # the default
     text = tmp_path / "text.txt"
     text.write_text("to be or not to be, that is the question " * 4)
     evaluated = lmscale("eval", "--model", out, "--text", text, "--json")
