@@ -49,8 +49,8 @@ machine; float32 34 ms per pass, bf16 145 ms):
     Int4WeightOnlyConfig(group_size=32)            ImportError: requires mslk >= 1.0.0 (a GPU
                                                    kernel library); int4_packing_format="opaque"
                                                    (its former CPU format) is "Unsupported"
-while the raw ops it wraps (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) run
-the same layers several times faster than float32. So the raw ops are called directly.
+while the raw ops it wraps (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) beat
+float32 in whole-model decoding (bench/compress.py). So the raw ops are called directly.
 """
 
 from __future__ import annotations
