@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from lmscale.checkpoint.native import Checkpoint, load_checkpoint
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
-from lmscale.model.quantized import swap_in_quantized_
+from lmscale.model.quantized import swap_in_embedding_, swap_in_quantized_
 
 
 def load_model(
@@ -67,12 +67,22 @@ def build_model(
     model = empty_model(config, quantization)
     # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
     # (GPT-2's Conv1D weights) gives matmuls of other rounding.
-    state = {name: tensor.contiguous() for name, tensor in state.items()}
+    state = {name: _aligned(tensor.contiguous()) for name, tensor in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
-    if config.tie_embeddings:  # assign replaced the shared parameter by two separate ones
+    if config.tie_embeddings and isinstance(model.tok_embeddings, nn.Embedding):
+        # assign replaced the shared parameter by two separate ones (a quantized table is one
+        # module, the head itself, and needs nothing)
         model.output.weight = model.tok_embeddings.weight
     model.init_rope(device="cpu")
     return model.to(device=device, dtype=as_dtype(dtype)).eval()
+
+
+def _aligned(tensor: Tensor) -> Tensor:
+    """`tensor`, copied if its data is not 64-byte aligned (a tensor read out of a safetensors
+    file often is not; the int8 CPU kernel crashes on such a weight, see `QuantizedLinear`)."""
+    if tensor.device.type == "cpu" and tensor.numel() and tensor.data_ptr() % 64:
+        return tensor.clone()
+    return tensor
 
 
 def empty_model(config: ModelConfig, quantization: dict | None = None) -> Transformer:
@@ -87,7 +97,21 @@ def empty_model(config: ModelConfig, quantization: dict | None = None) -> Transf
         if quantization is not None:
             method, group_size = quantization["method"], quantization["group_size"]
             swap_in_quantized_(model, quantization["modules"], method, group_size)
+            embeddings = quantization.get("embeddings")
+            if embeddings is not None:
+                _swap_in_embedding(model, embeddings)
     return model
+
+
+def _swap_in_embedding(model: Transformer, embeddings: dict) -> None:
+    """The quantized token table (and head: the same module when tied, else its own layer)."""
+    method, group_size = embeddings["method"], embeddings["group_size"]
+    tied = bool(embeddings["tied"])
+    if tied != model.config.tie_embeddings:
+        raise LmscaleError("the quantized embedding's 'tied' does not match the model config")
+    swap_in_embedding_(model, method, group_size, tied)
+    if not tied:
+        swap_in_quantized_(model, ["output"], method, group_size)
 
 
 @contextmanager
@@ -123,7 +147,7 @@ def _model_config(checkpoint: Checkpoint) -> ModelConfig:
 
 
 def _quantization(checkpoint: Checkpoint) -> dict | None:
-    """config.json's "quantization" section ({"method", "group_size", "modules"}), or None."""
+    """config.json's "quantization" section ({"method", "group_size", "modules", "embeddings"})."""
     section = checkpoint.config.get("quantization")
     if section is None:
         return None
@@ -133,8 +157,16 @@ def _quantization(checkpoint: Checkpoint) -> dict | None:
             f"bad 'quantization' section in {checkpoint.path / 'config.json'}: "
             "expected {'method', 'group_size', 'modules': [names]}"
         )
+    embeddings = section.get("embeddings")
+    if embeddings is not None and not (
+        isinstance(embeddings, dict) and {"method", "group_size", "tied"} <= embeddings.keys()
+    ):
+        raise LmscaleError(
+            f"bad 'quantization' section in {checkpoint.path / 'config.json'}: "
+            "'embeddings' must be null or {'method', 'group_size', 'tied'}"
+        )
     return {"method": section.get("method"), "group_size": section.get("group_size"),
-            "modules": names}  # fmt: skip
+            "modules": names, "embeddings": embeddings}  # fmt: skip
 
 
 def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:

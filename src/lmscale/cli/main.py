@@ -483,29 +483,48 @@ def _export_native(model, tokenizer, out: str, dtype: str | None) -> Path:
 
 def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
-    p.add_argument("--method", required=True, help="int8 (per output channel) or int4 (group-wise)")
+    p.add_argument(
+        "--method", required=True,
+        help="int8 (per output channel), int8-dynamic (int8 weights and activations) or int4 "
+        "(group-wise)",
+    )  # fmt: skip
     p.add_argument(
         "--group-size", type=int, default=None, help="int4: 32, 64 or 128 columns (default 32)"
     )
+    p.add_argument(
+        "--embeddings", default=None,
+        help="the token embedding and output head: float, int8 or int4 (default: "
+        f"{DEFAULT_EMBEDDINGS['int8']} for int8 methods, {DEFAULT_EMBEDDINGS['int4']} for int4)",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write (a native model folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.epilog = (
         "Weight-only, round-to-nearest: the linear layers of the Transformer blocks become "
-        "integers; the embedding and output head stay float. generate, chat, eval and serve "
-        "load the folder."
+        "integers, and (--embeddings) the embedding table with the output head it is tied to. "
+        "generate, chat, eval and serve load the folder."
     )
+
+
+DEFAULT_EMBEDDINGS = {"int8": "int8", "int8-dynamic": "int8", "int4": "int8"}
+"""--embeddings when not given, by method, from bench/compress.py on SmolLM2 (2,048 Hamlet
+tokens): int8 tables cost +0.5% perplexity and shrink int8 220 -> 135 MB, int4 g32 175 -> 90 MB;
+an int4 table reaches 80 MB (0.30x bf16) but costs +11% perplexity, so it is opt-in. (llama.cpp
+keeps SmolLM2's Q4_1 table at Q8_0 likewise.)"""
 
 
 def quantize(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.compress import QuantConfig, quantize_model
 
-    result = quantize_model(args.model, QuantConfig(args.method, args.group_size), args.out)
+    embeddings = args.embeddings or DEFAULT_EMBEDDINGS.get(args.method, "float")
+    config = QuantConfig(args.method, args.group_size, embeddings)
+    result = quantize_model(args.model, config, args.out)
     if args.json:
         print(json.dumps(result.as_dict()))
         return
     group = f" (group size {result.group_size})" if result.group_size else ""
     print(
-        f"{result.method}{group}: {result.modules} linear layers quantized -> {result.out} "
+        f"{result.method}{group}: {result.modules} linear layers quantized, "
+        f"{result.embeddings} embeddings -> {result.out} "
         f"({result.bytes / 1e6:.1f} MB; {result.float_bytes / 1e6:.1f} MB in float)"
     )
 

@@ -10,15 +10,20 @@ Round-to-nearest (RTN), no calibration data:
 Either way |w - dequantized w| <= s / 2 for every element: the grid covers the whole range, and
 an integer zero point only shifts it by under half a step, which the clamp then absorbs.
 
-What is quantized by default: every `nn.Linear` inside the Transformer blocks (attention
-wq/wk/wv/wo, MLP w1/w2/w3), ~80% of SmolLM2-135M's weights. The token embedding and the output
-head stay in float: in SmolLM2 (and GPT-2) the head *is* the embedding table (tied), a lookup
-table gains no matmul speed from integers, and the logits are where rounding hurts quality most
-(llama.cpp likewise keeps them at higher precision). A `filter_fn(module, fqn)` picks others.
+Scales are rounded to float16 (the on-disk dtype) before the integers are chosen, so the bound
+holds for the stored scale and a saved model computes exactly what the in-memory one does.
+
+"int8-dynamic" stores the int8 weights; its layers also quantize activations at run time.
+
+What is quantized: every `nn.Linear` inside the Transformer blocks (attention wq/wk/wv/wo,
+MLP w1/w2/w3), ~80% of SmolLM2-135M's weights, and, with `embeddings="int8"|"int4"`, the token
+embedding table too. In SmolLM2 (and GPT-2) the output head *is* that table (tied): it then
+becomes the embedding's `QuantizedLinear`, one copy of the integers for the lookup and the
+logits. An untied head is quantized with the embedding's layout. A `filter_fn(module, fqn)`
+picks other linear layers.
 
 NOTE: the layouts and the matmul (`QuantizedLinear`) are in `lmscale.model.quantized` so that
-checkpoint loading can rebuild them without importing this package; its kernels are plain
-PyTorch, because torchao is not a dependency here.
+checkpoint loading can rebuild them without importing this package.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ import torch
 from torch import Tensor, nn
 
 from lmscale.errors import LmscaleError
-from lmscale.model.quantized import QuantizedLinear, check_layout, pack_int4
+from lmscale.model.quantized import (
+    EMBEDDING_METHODS,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    check_layout,
+    pack_int4,
+    pack_zeros,
+)
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -40,17 +52,32 @@ class QuantConfig:
     """How to quantize a model's weights."""
 
     method: str = "int8"
-    """int8 (per output channel, symmetric) or int4 (group-wise, asymmetric)."""
+    """int8 (per output channel, symmetric), int8-dynamic (the same, int8 activations at run
+    time) or int4 (group-wise, asymmetric)."""
     group_size: int | None = None
     """int4 only: input columns sharing one scale and zero point (32, 64 or 128; default 32)."""
+    embeddings: str = "float"
+    """The token embedding (and a tied or untied output head): float, int8 or int4 (int4 uses
+    `group_size`, or 32 when the method is not int4)."""
 
     def __post_init__(self) -> None:
         if self.method == "int4" and self.group_size is None:
             self.group_size = 32
         check_layout(self.method, self.group_size)
+        if self.embeddings != "float" and self.embeddings not in EMBEDDING_METHODS:
+            raise LmscaleError(
+                f"unknown --embeddings '{self.embeddings}' (choose from float, int8, int4)"
+            )
+
+    @property
+    def embedding_group_size(self) -> int | None:
+        if self.embeddings != "int4":
+            return None
+        return self.group_size if self.method == "int4" else 32
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "group_size": self.group_size}
+        return {"method": self.method, "group_size": self.group_size,
+                "embeddings": self.embeddings}  # fmt: skip
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -60,7 +87,7 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
         (qweight int8 (out, in), scales float32 (out,)).
     """
     w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127  # (out,); an all-zero row stays zero
+    scales = as_float16(w.abs().amax(dim=1) / 127)  # (out,); an all-zero row stays zero
     q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
     return q, scales
 
@@ -69,17 +96,31 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     """Asymmetric group-wise int4 of a (out, in) weight, packed two values per byte.
 
     Returns:
-        (qweight uint8 (out, in/2), scales float32 (out, in/g), zeros uint8 (out, in/g)).
+        (qweight uint8 (out, in/2), scales float32 (out, in/g), zeros uint8 (out, in/g));
+        the zeros are unpacked here (`pack_zeros` packs them for the module).
     """
     out_features, in_features = weight.shape
     w = weight.detach().float().view(out_features, in_features // group_size, group_size)
     lo = w.amin(dim=-1).clamp(max=0.0)  # (out, ng)
     hi = w.amax(dim=-1).clamp(min=0.0)
-    scales = ((hi - lo) / 15).clamp(min=1e-12)
+    scales = as_float16((hi - lo) / 15)
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = (torch.round(w / scales[..., None]) + zeros[..., None]).clamp(0, 15)  # (out, ng, g)
     packed = pack_int4(q.view(out_features, in_features).to(torch.uint8))
     return packed, scales, zeros.to(torch.uint8)
+
+
+def as_float16(scales: Tensor) -> Tensor:
+    """Scales rounded UP to float16 (as they are saved), in float32, never 0.
+
+    Up, so the grid still spans the whole range (127 or 15 steps cover it) and the half-step
+    bound holds for the stored scale. The smallest float16 (2**-24) is the floor: a group whose
+    range is below it (an all-zero row) is all zeros.
+    """
+    scales = scales.clamp(min=2**-24, max=65504)
+    half = scales.half()
+    up = torch.nextafter(half, torch.tensor(float("inf"), dtype=torch.float16))
+    return torch.where(half.float() < scales, up, half).float()
 
 
 def _int8_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
@@ -90,7 +131,8 @@ def _int8_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
 
 def _int4_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
     module = _empty_like(linear, config)
-    module.qweight, module.scales, module.zeros = quantize_int4(linear.weight, config.group_size)
+    module.qweight, module.scales, zeros = quantize_int4(linear.weight, config.group_size)
+    module.zeros = pack_zeros(zeros)
     return module
 
 
@@ -107,6 +149,7 @@ def _empty_like(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
 
 HANDLERS: dict[str, Callable[[nn.Linear, QuantConfig], QuantizedLinear]] = {
     "int8": _int8_linear,
+    "int8-dynamic": _int8_linear,
     "int4": _int4_linear,
 }
 """One function per method: a float `nn.Linear` in, its `QuantizedLinear` out."""
@@ -150,26 +193,66 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn = in_bl
     handler = HANDLERS[config.method]
     for name in names:
         model.set_submodule(name, handler(model.get_submodule(name), config))
+    if config.embeddings != "float":
+        _quantize_embeddings(model, config)
     return names
 
 
-def quantization_of(model: nn.Module) -> dict | None:
-    """The `{"method", "group_size", "modules"}` record of a quantized model, or None.
+def _quantize_embeddings(model: nn.Module, config: QuantConfig) -> None:
+    """Quantize `model.tok_embeddings` (and `model.output`: tied, it becomes the same table)."""
+    embedding = getattr(model, "tok_embeddings", None)
+    if not isinstance(embedding, nn.Embedding):
+        raise LmscaleError("the model has no token embedding (tok_embeddings) to quantize")
+    table_config = QuantConfig(config.embeddings, config.embedding_group_size)
+    check_layout(table_config.method, table_config.group_size, embedding.embedding_dim,
+                 where="'tok_embeddings'")  # fmt: skip
+    output = getattr(model, "output", None)
+    tied = isinstance(output, nn.Linear) and output.weight is embedding.weight
+    table = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False,
+                      device="meta")  # fmt: skip
+    table.weight = embedding.weight  # (vocab, dim): the layout of a (dim -> vocab) head
+    quantized = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim,
+                                   table_config.method, table_config.group_size)  # fmt: skip
+    quantized.table = HANDLERS[table_config.method](table, table_config)
+    model.tok_embeddings = quantized
+    if tied:
+        model.output = quantized.table
+    elif isinstance(output, nn.Linear):
+        model.output = HANDLERS[table_config.method](output, table_config)
 
-    This is what a saved model's config.json holds under "quantization".
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """The `{"method", "group_size", "modules", "embeddings"}` record of a quantized model.
+
+    None for a float model. This is what a saved model's config.json holds under
+    "quantization". "modules" lists the block layers; "embeddings" is None (float) or
+    `{"method", "group_size", "tied"}` for a `QuantizedEmbedding` (and its head).
     """
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if not found:
+    embedding = getattr(model, "tok_embeddings", None)
+    table = embedding.table if isinstance(embedding, QuantizedEmbedding) else None
+    found = [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, QuantizedLinear) and m is not table
+        and not (table is not None and n == "output")
+    ]  # fmt: skip
+    if not found and table is None:
         return None
-    first = found[0][1]
+    first = found[0][1] if found else table
+    embeddings = None
+    if table is not None:
+        tied = getattr(model, "output", None) is table
+        embeddings = {"method": table.method, "group_size": table.group_size, "tied": tied}
     return {
         "method": first.method,
         "group_size": first.group_size,
         "modules": [n for n, _ in found],
+        "embeddings": embeddings,
     }
 
 
 def describe(quantization: dict) -> str:
-    """E.g. "int4, group size 32, 210 layers"."""
+    """E.g. "int4, group size 32, 210 layers" (+ ", int8 embeddings")."""
     group = f", group size {quantization['group_size']}" if quantization["group_size"] else ""
-    return f"{quantization['method']}{group}, {len(quantization['modules'])} layers"
+    embeddings = quantization.get("embeddings")
+    extra = f", {embeddings['method']} embeddings" if embeddings else ""
+    return f"{quantization['method']}{group}, {len(quantization['modules'])} layers{extra}"

@@ -2,9 +2,13 @@
 
     OUT/
         model.safetensors   float tensors as before; each quantized layer as its integers
-                            (`….qweight`), `….scales` and, for int4, `….zeros`
+                            (`….qweight`), float16 `….scales` and, for int4, packed `….zeros`;
+                            a quantized embedding as `tok_embeddings.table.*` (a tied head's
+                            `output.*` names the same tensors, stored once)
         config.json         {"model": {...}, "tokenizer": {...},
-                             "quantization": {"method", "group_size", "modules": [fqn, ...]}}
+                             "quantization": {"method", "group_size", "modules": [fqn, ...],
+                                              "embeddings": null | {"method", "group_size",
+                                                                    "tied"}}}
         tokenizer.json
 
 `lmscale.checkpoint.load_pretrained(OUT)` reads "quantization" and rebuilds the
@@ -16,13 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from lmscale.checkpoint import load_pretrained, save_model_dir
 from lmscale.compress.quantize import QuantConfig, quantization_of, quantize_
 from lmscale.config import to_dict
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
+from lmscale.model.quantized import QuantizedLinear
 from lmscale.tokenizer import Tokenizer
 
 
@@ -34,7 +40,9 @@ class QuantizeResult:
     method: str
     group_size: int | None
     modules: int
-    """Number of linear layers quantized."""
+    """Number of linear layers quantized (the embedding / head not counted)."""
+    embeddings: str
+    """float, int8 or int4: the token embedding (and output head)."""
     bytes: int
     """Size of the written model.safetensors."""
     float_bytes: int
@@ -43,7 +51,8 @@ class QuantizeResult:
     def as_dict(self) -> dict:
         return {
             "out": str(self.out), "method": self.method, "group_size": self.group_size,
-            "modules": self.modules, "bytes": self.bytes, "float_bytes": self.float_bytes,
+            "modules": self.modules, "embeddings": self.embeddings, "bytes": self.bytes,
+            "float_bytes": self.float_bytes,
         }  # fmt: skip
 
 
@@ -52,7 +61,7 @@ def quantize_model(source: str | Path, config: QuantConfig, out: str | Path) -> 
 
     Args:
         source: anything `load_pretrained` accepts (a bundled name, .gguf, HF folder, run dir).
-        config: the method and group size.
+        config: the method, group size and embeddings.
         out: the folder to create; an existing one is refused before any work.
 
     Returns:
@@ -63,11 +72,11 @@ def quantize_model(source: str | Path, config: QuantConfig, out: str | Path) -> 
     model, tokenizer = load_pretrained(source)
     float_bytes = state_bytes(model)
     names = quantize_(model, config)
-    if not names:
+    if not names and config.embeddings == "float":
         raise LmscaleError(f"{source} has no linear layers to quantize")
     path = save_quantized(model, tokenizer, out)
     return QuantizeResult(
-        path, config.method, config.group_size, len(names),
+        path, config.method, config.group_size, len(names), config.embeddings,
         (path / "model.safetensors").stat().st_size, float_bytes,
     )  # fmt: skip
 
@@ -90,7 +99,25 @@ def save_quantized(model: Transformer, tokenizer: Tokenizer, out: str | Path) ->
         "model": to_dict(model.config), "tokenizer": tokenizer.settings,
         "quantization": quantization,
     }  # fmt: skip
-    return save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
+    return save_model_dir(out, saved_state(model), config, tokenizer.to_json())
+
+
+def saved_state(model: nn.Module) -> dict[str, Tensor]:
+    """The state dict as written: every quantized layer's scales in float16.
+
+    `quantize_` rounds scales to float16 already, so this loses nothing; a tied head's tensors
+    stay one object (the file stores them once).
+    """
+    state = model.state_dict()
+    halves: dict[int, Tensor] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, QuantizedLinear):
+            key = f"{name}.scales" if name else "scales"
+            scales = state[key]
+            if id(scales) not in halves:
+                halves[id(scales)] = scales.to(torch.float16)
+            state[key] = halves[id(scales)]
+    return state
 
 
 def state_bytes(model: nn.Module) -> int:

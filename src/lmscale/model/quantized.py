@@ -1,22 +1,56 @@
-"""`QuantizedLinear`: a drop-in for `nn.Linear` whose weight is stored as int8 or packed int4.
+"""`QuantizedLinear` / `QuantizedEmbedding`: int8 or packed int4 weights, and their fast kernels.
 
 This is the storage layout and the matmul, nothing else: turning float weights into these
-integers (and choosing which layers) is `lmscale.compress.quantize`. The module lives here, in
+integers (and choosing which layers) is `lmscale.compress.quantize`. The modules live here, in
 pure model code, so that `lmscale.checkpoint` (which may import `lmscale.model` but not
 `lmscale.compress`) can rebuild a quantized model straight from its stored integers.
 
-Layouts (`out` = out_features, `in` = in_features, `g` = group_size):
+Layouts (`out` = out_features, `in` = in_features, `g` = group_size, `ng` = in/g):
 
     int8  qweight int8  (out, in)        w = qweight * scales[:, None]           symmetric
           scales  float (out,)           one scale per output channel
+    int8-dynamic                         the int8 layout; activations are quantized too (below)
     int4  qweight uint8 (out, in/2)      two 4-bit values per byte, low nibble first:
                                          byte j of a row holds columns 2j (low) and 2j+1 (high)
-          scales  float (out, in/g)      w = (q - zeros) * scales, per group of g input columns
-          zeros   uint8 (out, in/g)      the integer that stands for 0.0 (0..15)  asymmetric
+          scales  float (out, ng)        w = (q - zeros) * scales, per group of g input columns
+          zeros   uint8 (out, ceil(ng/2)) the integer that stands for 0.0 (0..15), packed as
+                                         qweight is (a row with an odd ng ends in a zero nibble)
 
-NOTE: the kernels are plain PyTorch (dequantize on the fly, then a float matmul), because
-torchao is not a dependency here. The int8 path scales the matmul's output rather than the
-weight, so only a cast of the int8 weight is made, never a scaled float copy.
+Scales are held in the model's float dtype and written to disk as float16 (`compress.save`);
+`lmscale.compress.quantize` rounds them to float16 first, so a saved model equals the in-memory
+one. The saved layout is the portable one; each kernel derives its own packed form of the same
+integers once, on first use (`_kernel_state`, rebuilt when the buffers, dtype or device change).
+
+Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
+
+    int8          `torch._weight_int8pack_mm` on bfloat16 activations (its float32 path is
+                  ~10x slower than a float32 matmul here; float16 has no fast CPU path either)
+    int8-dynamic  each token (row of x) is quantized to int8 at run time (symmetric, its own
+                  scale), then `torch._int_mm` (int8 x int8 -> int32) and one rescale. NOTE:
+                  fbgemm's `quantized::linear_dynamic` was tried first: it uses ONE scale for
+                  the whole input, and SmolLM2's outlier activations then cost perplexity
+                  17.7 -> 28.8 (reduce_range=True: 56.5) on 1,024 Hamlet tokens
+    int4          `torch._weight_int4pack_mm_for_cpu` on bfloat16 activations; its contract
+                  (checked by tests): weight = `_convert_weight_to_int4pack_for_cpu(q int32
+                  (N, K) in 0..15, inner_k_tiles)`, N a multiple of 16 (we pad), group 32..256
+                  dividing K, scales_and_zeros (K/g, N, 2) in x's dtype with
+                  w = (q - 8) * scale + zero, so zero = (8 - our zero point) * scale
+
+Float32 activations are cast to bfloat16 for the int8/int4 kernels and the result cast back:
+that bfloat16 rounding is the only difference from the reference (tests bound it; the
+perplexity cost on SmolLM2 is in BENCHMARKS.md / bench/compress.py).
+
+NOTE: torchao is not used; it gives no speed on the CPU here. Tried (torchao 0.18, torch 2.13,
+2-core AMD EPYC with AVX-512 BF16/VNNI; 40 linears 576 -> 1536 at batch 1, 2 threads, busy
+machine; float32 34 ms per pass, bf16 145 ms):
+    Int8WeightOnlyConfig (bf16)                    236 ms   (Int8Tensor subclass, eager dispatch)
+    Int8WeightOnlyConfig (fp32)                    564 ms
+    Int8DynamicActivationInt8WeightConfig (fp32)  1153 ms
+    Int4WeightOnlyConfig(group_size=32)            ImportError: requires mslk >= 1.0.0 (a GPU
+                                                   kernel library); int4_packing_format="opaque"
+                                                   (its former CPU format) is "Unsupported"
+while the raw ops it wraps (`torch._weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) beat
+float32 in whole-model decoding (bench/compress.py). So the raw ops are called directly.
 """
 
 from __future__ import annotations
@@ -27,8 +61,15 @@ from torch import Tensor, nn
 
 from lmscale.errors import LmscaleError
 
-METHODS = ("int8", "int4")
+METHODS = ("int8", "int8-dynamic", "int4")
+EMBEDDING_METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+
+_KERNEL_DTYPE = torch.bfloat16
+"""The activation dtype of the CPU weight-only kernels (the only one they are fast in)."""
+
+use_kernels = True
+"""Set False to run every quantized layer through the reference path (tests, benchmarks)."""
 
 
 def pack_int4(values: Tensor) -> Tensor:
@@ -42,16 +83,24 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return pairs.view(packed.shape[0], -1)
 
 
+def pack_zeros(zeros: Tensor) -> Tensor:
+    """(out, ng) zero points in 0..15 -> (out, ceil(ng/2)) bytes (an odd ng padded with 0)."""
+    if zeros.shape[1] % 2:
+        zeros = F.pad(zeros, (0, 1))
+    return pack_int4(zeros)
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as integers and scales (see the module docstring's layouts).
 
     Args:
         in_features, out_features, bias: as for `nn.Linear`.
-        method: "int8" (per output channel, symmetric) or "int4" (group-wise, asymmetric).
+        method: "int8" (per output channel, symmetric), "int8-dynamic" (the same weights, int8
+            activations) or "int4" (group-wise, asymmetric).
         group_size: input columns per int4 group (32, 64 or 128, dividing `in_features`).
 
     The buffers are allocated empty: `lmscale.compress.quantize` fills them from a float
-    weight, and a checkpoint loader assigns the stored tensors.
+    weight (or `from_codes` from integer codes), and a checkpoint loader assigns stored tensors.
     """
 
     def __init__(
@@ -62,7 +111,7 @@ class QuantizedLinear(nn.Module):
         check_layout(method, group_size, in_features)
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size = method, group_size
-        if method == "int8":
+        if method in ("int8", "int8-dynamic"):
             self.register_buffer(
                 "qweight", torch.empty(out_features, in_features, dtype=torch.int8)
             )
@@ -72,26 +121,164 @@ class QuantizedLinear(nn.Module):
             packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
             self.register_buffer("qweight", packed)
             self.register_buffer("scales", torch.empty(out_features, n_groups))
-            self.register_buffer("zeros", torch.empty(out_features, n_groups, dtype=torch.uint8))
+            zeros = torch.empty(out_features, (n_groups + 1) // 2, dtype=torch.uint8)
+            self.register_buffer("zeros", zeros)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
+        self._kernel: tuple | None = None  # (key, derived tensors): see `_kernel_state`
+
+    def __getstate__(self) -> dict:
+        """Pickling / deepcopy leave the derived kernel form out (rebuilt on first use)."""
+        return {**super().__getstate__(), "_kernel": None}
+
+    # --- codes -----------------------------------------------------------------------------
+
+    def codes(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The integer codes, unpacked: dequantized = (q - zeros) * scales, per group.
+
+        Returns:
+            q: int8 (out, in) for int8 layouts, uint8 (out, in) in 0..15 for int4;
+            scales: float32 (out,) for int8, (out, in/g) for int4;
+            zeros: float32 (out, in/g) for int4, None for int8 (symmetric).
+        """
+        if self.method != "int4":
+            return self.qweight.clone(), self.scales.float(), None
+        n_groups = self.in_features // self.group_size
+        zeros = unpack_int4(self.zeros)[:, :n_groups].float()
+        return unpack_int4(self.qweight), self.scales.float(), zeros
+
+    @classmethod
+    def from_codes(
+        cls, q: Tensor, scales: Tensor, zeros: Tensor | None, method: str,
+        group_size: int | None = None, bias: Tensor | None = None,
+    ) -> QuantizedLinear:  # fmt: skip
+        """A layer holding these codes (the inverse of `codes`); scales are kept as given.
+
+        Args:
+            q: (out, in) integer codes: -127..127 for int8 layouts, 0..15 for int4.
+            scales: (out,) for int8, (out, in/g) for int4; their dtype is the layer's.
+            zeros: (out, in/g) integer-valued zero points in 0..15 for int4, None for int8.
+            method, group_size: the layout.
+            bias: (out,) or None.
+        """
+        out_features, in_features = q.shape
+        check_layout(method, group_size, in_features)
+        scales = scales.detach()
+        with torch.device("meta"):
+            layer = cls(in_features, out_features, method, group_size, bias is not None)
+        if method == "int4":
+            n_groups = in_features // group_size
+            if zeros is None or tuple(zeros.shape) != (out_features, n_groups):
+                raise LmscaleError(f"int4 codes need zeros of shape {(out_features, n_groups)}")
+            if int(q.min()) < 0 or int(q.max()) > 15 or int(zeros.min()) < 0 or zeros.max() > 15:
+                raise LmscaleError("int4 codes and zero points must lie in 0..15")
+            layer.qweight = pack_int4(q.to(torch.uint8))
+            layer.zeros = pack_zeros(torch.round(zeros).to(torch.uint8))
+        else:
+            if zeros is not None and bool(zeros.ne(0).any()):
+                raise LmscaleError("int8 is symmetric: its zero points must be None (or 0)")
+            if int(q.min()) < -128 or int(q.max()) > 127:
+                raise LmscaleError("int8 codes must lie in -128..127")
+            layer.qweight = q.to(torch.int8)
+        expected = (
+            (out_features,) if method != "int4" else (out_features, in_features // group_size)
+        )
+        if tuple(scales.shape) != expected:
+            raise LmscaleError(
+                f"{method} scales must have shape {expected}, got {tuple(scales.shape)}"
+            )
+        layer.scales = scales.clone()
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        return layer
+
+    # --- the matmul --------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.method == "int8":
+        if not use_kernels or x.device.type != "cpu" or x.dtype not in _FLOATS:
+            return self.reference(x)
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.method == "int8-dynamic":
+            weight_t, scales = self._kernel_state(torch.float32)
+            x2 = x2.float()
+            x_scales = x2.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127  # per token
+            x_int8 = torch.round(x2 / x_scales).to(torch.int8)
+            y = torch._int_mm(x_int8, weight_t) * (x_scales * scales)
+        elif self.method == "int8":
+            weight, scales = self._kernel_state(_KERNEL_DTYPE)
+            y = torch._weight_int8pack_mm(x2.to(_KERNEL_DTYPE).contiguous(), weight, scales)
+        else:
+            weight, scales_and_zeros = self._kernel_state(_KERNEL_DTYPE)
+            y = torch._weight_int4pack_mm_for_cpu(
+                x2.to(_KERNEL_DTYPE).contiguous(), weight, self.group_size, scales_and_zeros
+            )[:, : self.out_features]  # fmt: skip
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def reference(self, x: Tensor) -> Tensor:
+        """The plain PyTorch matmul these kernels must equal: dequantize, then `F.linear`."""
+        if self.method != "int4":
             # (x @ q^T) * s equals x @ (q * s)^T up to rounding: the scale is per output column.
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def _kernel_state(self, dtype: torch.dtype):
+        """The kernel's own packed form of the buffers, derived once and cached.
+
+        The cache key is the buffers' storage and the dtype, so `.to()`, loading new tensors
+        (`assign=True`) or a deepcopy all rebuild it rather than using a stale copy.
+        """
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype, dtype)
+        if self._kernel is None or self._kernel[0] != key:
+            self._kernel = (key, self._derive(dtype))
+        return self._kernel[1]
+
+    def _derive(self, dtype: torch.dtype):
+        with torch.no_grad():
+            if self.method == "int8":
+                # NOTE: the kernel reads the weight with aligned loads for M >= 4 and crashes
+                # (SIGSEGV) on a tensor that is not 64-byte aligned, as one read straight out of a
+                # safetensors file is; checkpoint loading aligns them, this is the safety net.
+                weight = self.qweight.contiguous()
+                if weight.data_ptr() % 64:
+                    weight = weight.clone()
+                return weight, self.scales.to(dtype).contiguous()
+            if self.method == "int8-dynamic":
+                return self.qweight.t().contiguous(), self.scales.float()  # (in, out) for _int_mm
+            q, scales, zeros = self.codes()
+            pad = -self.out_features % 16  # the kernel needs N % 16 == 0
+            q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+            weight = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+            float_zeros = (8 - zeros) * scales  # w = (q - 8) * s + float_zero
+            pairs = torch.stack((scales, float_zeros), dim=-1)  # (out, ng, 2)
+            pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad)).transpose(0, 1)  # (ng, N, 2)
+            return weight, pairs.to(dtype).contiguous()
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out, in) these integers stand for, in `dtype` (default: the scales')."""
         dtype = dtype or self.scales.dtype
-        if self.method == "int8":
+        if self.method != "int4":
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
-        n_groups = self.scales.shape[1]
-        q = unpack_int4(self.qweight).view(self.out_features, n_groups, -1)  # (out, ng, g)
-        zeros = self.zeros.to(dtype)[..., None]  # (out, ng, 1)
-        w = (q.to(dtype) - zeros) * self.scales.to(dtype)[..., None]
-        return w.view(self.out_features, self.in_features)
+        return self.dequantize_rows(None, dtype)
+
+    def dequantize_rows(self, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Rows `rows` (any shape of indices; None = all) of the float weight, (*rows, in)."""
+        if rows is None:
+            qweight, scales = self.qweight, self.scales
+            zeros = self.zeros if self.method == "int4" else None
+        else:
+            qweight, scales = self.qweight[rows.reshape(-1)], self.scales[rows.reshape(-1)]
+            zeros = self.zeros[rows.reshape(-1)] if self.method == "int4" else None
+        lead = (self.out_features,) if rows is None else tuple(rows.shape)
+        if self.method != "int4":
+            return (qweight.to(dtype) * scales.to(dtype)[:, None]).view(*lead, self.in_features)
+        n_groups = scales.shape[1]
+        q = unpack_int4(qweight).view(-1, n_groups, self.group_size)  # (rows, ng, g)
+        z = unpack_int4(zeros)[:, :n_groups].to(dtype)[..., None]  # (rows, ng, 1)
+        w = (q.to(dtype) - z) * scales.to(dtype)[..., None]
+        return w.view(*lead, self.in_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.method == "int4" else ""
@@ -99,6 +286,51 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"method={self.method}{group}, bias={self.bias is not None}"
         )
+
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class QuantizedEmbedding(nn.Module):
+    """A token embedding whose (vocab, dim) table is a `QuantizedLinear` (`table`).
+
+    A lookup dequantizes only the rows it reads. A model with a tied output head uses
+    `table` itself as its `output` module, so the head's logits run through the fast kernel
+    on the very same integers, stored once.
+
+    Args:
+        num_embeddings, embedding_dim: as for `nn.Embedding`.
+        method: "int8" or "int4"; group_size: int4 only.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, method: str, group_size: int | None = None
+    ) -> None:
+        super().__init__()
+        if method not in EMBEDDING_METHODS:
+            raise LmscaleError(
+                f"unknown embedding quantization '{method}' (choose from float, int8, int4)"
+            )
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.table = QuantizedLinear(embedding_dim, num_embeddings, method, group_size)
+
+    @property
+    def weight(self) -> Tensor:
+        """An EMPTY tensor of the table's float dtype and device.
+
+        For code that reads `model.tok_embeddings.weight.dtype / .device` (the engine, the KV
+        cache); anything that needs the values fails loudly on the shape: use `dequantize`.
+        """
+        return self.table.scales.new_empty(0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.table.dequantize_rows(tokens, self.table.scales.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return self.table.dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
 def check_layout(
@@ -112,8 +344,10 @@ def check_layout(
         where: the layer, named in the message.
     """
     if method not in METHODS:
-        raise LmscaleError(f"unknown quantization method '{method}' (choose from int8, int4)")
-    if method == "int8":
+        raise LmscaleError(
+            f"unknown quantization method '{method}' (choose from {', '.join(METHODS)})"
+        )
+    if method != "int4":
         if group_size is not None:
             raise LmscaleError("a group size applies to int4 only (int8 is per output channel)")
         return
@@ -152,3 +386,24 @@ def swap_in_quantized_(
         )
         model.set_submodule(name, quantized)
     return model
+
+
+def swap_in_embedding_(
+    model: nn.Module, method: str, group_size: int | None, tied: bool
+) -> QuantizedEmbedding:
+    """Replace `model.tok_embeddings` by an empty `QuantizedEmbedding` (and a tied head by its table).
+
+    Args:
+        model: a `Transformer`, changed in place.
+        method, group_size: the table's layout.
+        tied: make `model.output` the embedding's table (one copy of the integers).
+
+    Returns:
+        The new embedding module.
+    """
+    old = model.tok_embeddings
+    embedding = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, method, group_size)
+    model.tok_embeddings = embedding
+    if tied:
+        model.output = embedding.table
+    return embedding

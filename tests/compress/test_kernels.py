@@ -1,0 +1,205 @@
+"""The fast CPU kernels of `QuantizedLinear` against its reference, `codes` / `from_codes`, and
+the quantized embedding (lookup, tied head, save -> load)."""
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from lmscale.checkpoint import load_pretrained, save_model_dir
+from lmscale.compress import QuantConfig, quantization_of, quantize_
+from lmscale.compress.save import save_quantized
+from lmscale.config import to_dict
+from lmscale.errors import LmscaleError
+from lmscale.model import Transformer, decode_layout_, preset
+from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
+from lmscale.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
+LAYOUTS = [("int8", None), ("int8-dynamic", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+
+
+def quantized_layer(method, group_size, out_features=40, in_features=256, bias=True, seed=0):
+    """A random layer quantized with `quantize_` (40 outputs: the int4 kernel pads to 48)."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight[3] = 0.0  # a zero row: scale at its floor, codes all at the zero point
+    model = nn.Sequential(linear)
+    quantize_(model, QuantConfig(method, group_size), filter_fn=lambda module, fqn: True)
+    return model[0]
+
+
+# Largest kernel error allowed, as a fraction of the largest reference output: the weight-only
+# kernels round activations and scales to bfloat16 (~0.4%), int8-dynamic rounds activations to
+# 8 bits per token. A wrong layout (nibble order, zero-point convention, padding) is ~100% off.
+TOLERANCE = {"int8": 0.01, "int8-dynamic": 0.03, "int4": 0.01}
+
+
+@pytest.mark.parametrize("method, group_size", LAYOUTS)
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 7, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_kernel_equals_the_dequantized_reference(method, group_size, shape, dtype):
+    layer = quantized_layer(method, group_size).to(dtype)
+    x = torch.randn(shape).to(dtype)
+    y = layer(x)
+    expected = nn.functional.linear(
+        x.double(), layer.dequantize(torch.float64), layer.bias.double()
+    )
+    assert y.shape == (*shape[:-1], 40) and y.dtype == dtype
+    error = (y.double() - expected).abs().max() / expected.abs().max()
+    assert error < TOLERANCE[method] * (2 if dtype == torch.bfloat16 else 1)
+    assert layer._kernel is not None  # the kernel ran (CPU), not the reference
+
+
+def test_the_kernel_follows_the_layer_to_another_dtype_and_new_buffers():
+    layer = quantized_layer("int4", 32)
+    x = torch.randn(2, 256)
+    before = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    other = quantized_layer("int4", 32, seed=1)
+    layer.to(torch.float32)
+    layer.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(layer(x), other(x), rtol=0, atol=0)
+    assert not torch.equal(layer(x), before)
+
+
+@pytest.mark.parametrize("method, group_size", LAYOUTS)
+def test_codes_dequantize_and_rebuild_the_layer(method, group_size):
+    layer = quantized_layer(method, group_size)
+    q, scales, zeros = layer.codes()
+    assert q.shape == (40, 256) and scales.dtype == torch.float32
+    if method == "int4":
+        assert q.dtype == torch.uint8 and int(q.max()) <= 15
+        assert zeros.shape == scales.shape == (40, 256 // group_size)
+        per_column = (q.float().view(40, -1, group_size) - zeros[..., None]) * scales[..., None]
+        torch.testing.assert_close(per_column.view(40, 256), layer.dequantize(), rtol=0, atol=0)
+    else:
+        assert q.dtype == torch.int8 and zeros is None and scales.shape == (40,)
+        torch.testing.assert_close(q.float() * scales[:, None], layer.dequantize(), rtol=0, atol=0)
+    rebuilt = QuantizedLinear.from_codes(q, scales, zeros, method, group_size, layer.bias)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    x = torch.randn(3, 256)
+    assert torch.equal(rebuilt(x), layer(x))
+
+
+def test_from_codes_refuses_codes_out_of_range():
+    q = torch.full((16, 64), 16, dtype=torch.uint8)
+    with pytest.raises(LmscaleError, match="must lie in 0..15"):
+        QuantizedLinear.from_codes(q, torch.ones(16, 2), torch.zeros(16, 2), "int4", 32)
+    with pytest.raises(LmscaleError, match="int8 is symmetric"):
+        QuantizedLinear.from_codes(
+            torch.zeros(16, 64, dtype=torch.int8), torch.ones(16), torch.ones(16, 2), "int8"
+        )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny tied-embedding llama model with random weights, saved as a native float folder."""
+    tokenizer = Tokenizer.train(["to be or not to be, that is the question"] * 20, 300)
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=tokenizer.vocab_size))
+    config = {"model": to_dict(model.config), "tokenizer": tokenizer.settings}
+    out = tmp_path_factory.mktemp("float") / "tiny"
+    return save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
+
+
+@pytest.mark.parametrize("method, embeddings", [("int8", "int8"), ("int4", "int4"),
+                                                ("int4", "int8")])  # fmt: skip
+def test_quantized_embeddings_share_one_table_with_the_head_and_load_back(
+    tiny_dir, tmp_path, method, embeddings
+):
+    model, tokenizer = load_pretrained(tiny_dir)
+    table = model.tok_embeddings.weight.detach().clone()
+    quantize_(model, QuantConfig(method, embeddings=embeddings))
+    embedding = model.tok_embeddings
+    assert isinstance(embedding, QuantizedEmbedding) and model.output is embedding.table
+    assert embedding.weight.dtype == torch.float32 and embedding.weight.numel() == 0
+    record = quantization_of(model)
+    assert record["embeddings"] == {"method": embeddings, "group_size": 32 if embeddings ==
+                                    "int4" else None, "tied": True}  # fmt: skip
+    tokens = torch.tensor([tokenizer.encode("to be or not to be")])
+    rows = embedding(tokens)  # the lookup dequantizes just these rows
+    torch.testing.assert_close(rows[0], embedding.dequantize()[tokens[0]], rtol=0, atol=0)
+    half_step = 1 / 127 if embeddings == "int8" else 1 / 15  # of the largest |value|, at most
+    assert (rows[0] - table[tokens[0]]).abs().max() <= half_step * table.abs().max()
+    out = save_quantized(model, tokenizer, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+        assert handle.get_tensor("tok_embeddings.table.scales").dtype == torch.float16
+    assert "tok_embeddings.weight" not in keys and "output.qweight" not in keys  # stored once
+    loaded, _ = load_pretrained(out)
+    assert loaded.output is loaded.tok_embeddings.table
+    assert quantization_of(loaded) == record
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_int4_bytes_are_half_a_byte_plus_float16_scale_and_packed_zero_per_group(
+    tiny_dir, tmp_path
+):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, embeddings="int4"))
+    out = save_quantized(model, tokenizer, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        layer = {k: handle.get_tensor(f"layers.0.attention.wq.{k}") for k in ("qweight", "scales",
+                                                                           "zeros")}  # fmt: skip
+        total = sum(handle.get_tensor(k).nbytes for k in handle.keys())
+    out_f, in_f = model.layers[0].attention.wq.out_features, 64
+    assert sum(t.nbytes for t in layer.values()) == out_f * in_f * (0.5 + 2 / 32 + 0.5 / 32)
+    float_total = sum(t.nbytes for t in load_pretrained(tiny_dir)[0].state_dict().values()) - (
+        model.config.vocab_size * model.config.dim * 4  # the tied head is stored once
+    )  # fmt: skip
+    assert total < 0.2 * float_total  # norms stay float32
+
+
+def test_cli_quantizes_embeddings_and_eval_and_generate_run_the_folder(tiny_dir, tmp_path):
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+
+    def lmscale(*args):
+        cmd = [sys.executable, "-m", "lmscale.cli.main", *map(str, args)]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+    out = tmp_path / "q"
+    bad = lmscale("quantize", "--model", tiny_dir, "--method", "int4", "--embeddings", "int2",
+                  "--out", out)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "unknown --embeddings 'int2' (choose from float, int8, int4)" in bad.stderr
+    assert not out.exists()
+    done = lmscale("quantize", "--model", tiny_dir, "--method", "int4", "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert "int8 embeddings" in done.stdout  # the default
+    text = tmp_path / "text.txt"
+    text.write_text("to be or not to be, that is the question " * 4)
+    evaluated = lmscale("eval", "--model", out, "--text", text, "--json")
+    assert evaluated.returncode == 0 and '"tokens"' in evaluated.stdout, evaluated.stderr
+    generated = lmscale("generate", "--model", out, "--prompt", "to be", "--temperature", "0",
+                        "--max-new-tokens", "5", "--json")  # fmt: skip
+    assert generated.returncode == 0 and '"text"' in generated.stdout, generated.stderr
+
+
+def test_deepcopy_of_a_layer_that_ran_rebuilds_its_kernel():
+    layer = quantized_layer("int8-dynamic", None)
+    x = torch.randn(2, 256)
+    y = layer(x)
+    twin = copy.deepcopy(layer)
+    assert twin._kernel is None and torch.equal(twin(x), y)
+
+
+def test_the_decode_layout_leaves_quantized_layers_alone(tiny_dir):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, embeddings="int8"))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    tokens = torch.tensor([tokenizer.encode("to be or not")])
+    logits = model(tokens)
+    decode_layout_(model)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]) and tensor.is_contiguous(), name
+    assert torch.equal(model(tokens), logits)
