@@ -167,3 +167,16 @@ def test_cli_bad_calibration_is_one_line(float_dir, tmp_path, capsys, args, mess
 def test_quantize_model_refuses_gptq_for_int8_before_loading(tmp_path):
     with pytest.raises(LmscaleError, match="int4 only"):
         quantize_model(tmp_path / "missing", QuantConfig("int8"), tmp_path / "q", GptqConfig())
+
+
+def test_gptq_handles_a_gpt2_block_with_biases():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny-gpt2")).eval()
+    tokens = torch.randint(0, 512, (4, 32))
+    reference = model(tokens)
+    rtn = Transformer(preset("tiny-gpt2")).eval()
+    rtn.load_state_dict(model.state_dict())
+    quantize_(rtn, QuantConfig("int4", 64))
+    names = gptq_quantize_(model, QuantConfig("int4", 64), tokens)
+    assert len(names) == 12 and model.layers[0].attention.wq.bias is not None
+    assert (model(tokens) - reference).norm() < (rtn(tokens) - reference).norm()
