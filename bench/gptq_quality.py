@@ -11,7 +11,8 @@ Variants: "float"; "rtnG" and "gptqG" for group size G (int4, integer zero point
 layout); "gptqG-act" with act-order; and two experiments that are not a saved format, "rtnG-min"
 and "gptqG-min": a float zero point (w = q * s + min, the grid of llama.cpp's Q4_1, which the
 bundled weights were dequantized from), applied as float weights, to see how much of RTN's loss
-is the grid's misalignment with Q4_1.
+is the grid's misalignment with Q4_1. Group size 128 does not divide SmolLM2's width 576.
+On a shared machine pass --threads 1: two threads that wait on each other waste most of it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from lmscale.compress.quantize import in_blocks
 from lmscale.data.corpus import iter_documents
 from lmscale.train.evaluate import evaluate
 
-DEFAULT = "float,rtn32,gptq32,gptq32-act,rtn32-min,gptq32-min,rtn128,gptq128,rtn64,gptq64"
+DEFAULT = "float,rtn32,gptq32,gptq32-act,rtn32-min,rtn64,gptq64,gptq64-act"
 
 
 def min_grid(w: Tensor) -> tuple[Tensor, Tensor]:
