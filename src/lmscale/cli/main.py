@@ -496,12 +496,32 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         help="the token embedding and output head: float, int8 or int4 (default: "
         f"{DEFAULT_EMBEDDINGS['int8']} for int8 methods, {DEFAULT_EMBEDDINGS['int4']} for int4)",
     )  # fmt: skip
+    p.add_argument(
+        "--calibrate", default=None,
+        help="gptq: choose the int4 integers on calibration text (default: round to nearest)",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration", default=None,
+        help="--calibrate: a corpus (text file, folder, .jsonl; default: the bundled Shakespeare "
+        "without Hamlet) sampled at seeded random places",
+    )  # fmt: skip
+    p.add_argument(
+        "--calibration-samples", type=int, default=128, help="--calibrate: sequences (128)"
+    )
+    p.add_argument(
+        "--calibration-length", type=int, default=512, help="--calibrate: tokens each (512)"
+    )
+    p.add_argument(
+        "--act-order", action="store_true",
+        help="--calibrate gptq: quantize columns by decreasing activation energy",
+    )  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write (a native model folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.epilog = (
-        "Weight-only, round-to-nearest: the linear layers of the Transformer blocks become "
-        "integers, and (--embeddings) the embedding table with the output head it is tied to. "
-        "generate, chat, eval and serve load the folder."
+        "Weight-only: the linear layers of the Transformer blocks become integers, and "
+        "(--embeddings) the embedding table with the output head it is tied to. Round-to-nearest "
+        "by default; --calibrate gptq (int4) corrects each layer's rounding error on calibration "
+        "text. generate, chat, eval and serve load the folder."
     )
 
 
@@ -514,14 +534,26 @@ keeps SmolLM2's Q4_1 table at Q8_0 likewise.)"""
 
 def quantize(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.compress import QuantConfig, quantize_model
+    from lmscale.compress.gptq import GptqConfig, check_calibrate
 
     embeddings = args.embeddings or DEFAULT_EMBEDDINGS.get(args.method, "float")
     config = QuantConfig(args.method, args.group_size, embeddings)
-    result = quantize_model(args.model, config, args.out)
+    gptq = None
+    if args.calibrate is None:
+        if args.calibration is not None or args.act_order:
+            raise LmscaleError("--calibration and --act-order apply with --calibrate gptq only")
+    else:
+        check_calibrate(config, args.calibrate)
+        gptq = GptqConfig(
+            args.calibration_samples, args.calibration_length, args.calibration or "shakespeare",
+            act_order=args.act_order,
+        )  # fmt: skip
+    result = quantize_model(args.model, config, args.out, gptq)
     if args.json:
         print(json.dumps(result.as_dict()))
         return
     group = f" (group size {result.group_size})" if result.group_size else ""
+    group += ", GPTQ" if result.calibration else ""
     print(
         f"{result.method}{group}: {result.modules} linear layers quantized, "
         f"{result.embeddings} embeddings -> {result.out} "

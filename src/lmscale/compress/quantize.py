@@ -193,13 +193,17 @@ def quantize_(model: nn.Module, config: QuantConfig, filter_fn: FilterFn = in_bl
     handler = HANDLERS[config.method]
     for name in names:
         model.set_submodule(name, handler(model.get_submodule(name), config))
-    if config.embeddings != "float":
-        _quantize_embeddings(model, config)
+    quantize_embeddings_(model, config)
     return names
 
 
-def _quantize_embeddings(model: nn.Module, config: QuantConfig) -> None:
-    """Quantize `model.tok_embeddings` (and `model.output`: tied, it becomes the same table)."""
+def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> None:
+    """Quantize `model.tok_embeddings` (and `model.output`: tied, it becomes the same table).
+
+    Does nothing when `config.embeddings` is "float".
+    """
+    if config.embeddings == "float":
+        return
     embedding = getattr(model, "tok_embeddings", None)
     if not isinstance(embedding, nn.Embedding):
         raise LmscaleError("the model has no token embedding (tok_embeddings) to quantize")

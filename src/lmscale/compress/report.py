@@ -63,10 +63,15 @@ class Variant:
 DEFAULT_VARIANTS: tuple[Variant, ...] = (
     Variant("float32"),
     Variant("bfloat16", dtype="bfloat16"),
-    Variant("int8", quant=QuantConfig("int8")),
-    Variant("int4 g32 (RTN)", quant=QuantConfig("int4", 32)),
+    Variant("int8", quant=QuantConfig("int8", embeddings="int8")),
+    Variant("int8-dynamic", quant=QuantConfig("int8-dynamic", embeddings="int8")),
+    Variant("int4 g32 (RTN)", quant=QuantConfig("int4", 32, embeddings="int8")),
+    Variant("int4 g32, int4 emb.", quant=QuantConfig("int4", 32, embeddings="int4")),
     Variant("structured 25%", prune=PruneConfig("structured", 0.25)),
 )
+"""What `lmscale compress-report` builds; the quantized rows are what `lmscale quantize` writes
+by default (int8 embedding and head) and the smallest int4 form. A calibrated (GPTQ) or distilled
+model is added as a saved folder (`Variant(name, path=DIR)`, `--add NAME=DIR`)."""
 
 
 @dataclass

@@ -24,7 +24,13 @@ import torch
 from torch import Tensor, nn
 
 from lmscale.checkpoint import load_pretrained, save_model_dir
-from lmscale.compress.quantize import QuantConfig, quantization_of, quantize_
+from lmscale.compress.gptq import GptqConfig, calibrate_, check_calibrate
+from lmscale.compress.quantize import (
+    QuantConfig,
+    quantization_of,
+    quantize_,
+    quantize_embeddings_,
+)
 from lmscale.config import to_dict
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
@@ -47,47 +53,62 @@ class QuantizeResult:
     """Size of the written model.safetensors."""
     float_bytes: int
     """Size of the same tensors in the source model's float dtype (before quantizing)."""
+    calibration: dict | None = None
+    """The calibrated method's record (see `GptqConfig.as_dict`), or None for RTN."""
 
     def as_dict(self) -> dict:
         return {
             "out": str(self.out), "method": self.method, "group_size": self.group_size,
             "modules": self.modules, "embeddings": self.embeddings, "bytes": self.bytes,
-            "float_bytes": self.float_bytes,
+            "float_bytes": self.float_bytes, "calibration": self.calibration,
         }  # fmt: skip
 
 
-def quantize_model(source: str | Path, config: QuantConfig, out: str | Path) -> QuantizeResult:
+def quantize_model(
+    source: str | Path, config: QuantConfig, out: str | Path, gptq: GptqConfig | None = None
+) -> QuantizeResult:
     """Load `source`, quantize it in place (`quantize_`), save it to the new folder `out`.
 
     Args:
         source: anything `load_pretrained` accepts (a bundled name, .gguf, HF folder, run dir).
         config: the method, group size and embeddings.
         out: the folder to create; an existing one is refused before any work.
+        gptq: calibrate with GPTQ (int4) on these settings instead of rounding to nearest.
 
     Returns:
         The folder written and its sizes.
     """
     if Path(out).exists():
         raise LmscaleError(f"{out} already exists: choose a new --out")
+    if gptq is not None:
+        check_calibrate(config, "gptq")
     model, tokenizer = load_pretrained(source)
     float_bytes = state_bytes(model)
-    names = quantize_(model, config)
+    if gptq is None:
+        names = quantize_(model, config)
+    else:
+        names = calibrate_(model, tokenizer, config, gptq)
+        quantize_embeddings_(model, config)
     if not names and config.embeddings == "float":
         raise LmscaleError(f"{source} has no linear layers to quantize")
-    path = save_quantized(model, tokenizer, out)
+    calibration = gptq.as_dict() if gptq is not None else None
+    path = save_quantized(model, tokenizer, out, calibration)
     return QuantizeResult(
         path, config.method, config.group_size, len(names), config.embeddings,
-        (path / "model.safetensors").stat().st_size, float_bytes,
+        (path / "model.safetensors").stat().st_size, float_bytes, calibration,
     )  # fmt: skip
 
 
-def save_quantized(model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
+def save_quantized(
+    model: Transformer, tokenizer: Tokenizer, out: str | Path, calibration: dict | None = None
+) -> Path:
     """Write a quantized model (see `quantize_`) as a native folder that `load_pretrained` reads.
 
     Args:
         model: a `Transformer` holding `QuantizedLinear` modules.
         tokenizer: its tokenizer.
         out: the folder to create.
+        calibration: how the integers were calibrated, kept as "quantization"."calibration".
 
     Returns:
         The folder.
@@ -95,6 +116,8 @@ def save_quantized(model: Transformer, tokenizer: Tokenizer, out: str | Path) ->
     quantization = quantization_of(model)
     if quantization is None:
         raise LmscaleError("the model holds no quantized layers; run quantize_ first")
+    if calibration is not None:
+        quantization["calibration"] = calibration
     config = {
         "model": to_dict(model.config), "tokenizer": tokenizer.settings,
         "quantization": quantization,
