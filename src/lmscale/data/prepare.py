@@ -18,6 +18,7 @@ from lmscale.errors import LmscaleError
 from lmscale.tokenizer import Tokenizer
 
 TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "tokenizer_config.json"
 SPLITS = ("train", "val")
 _ENCODE_BATCH_DOCS = 64  # documents encoded per call: parallel, yet bounded memory
 
@@ -34,6 +35,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     shard_tokens: int = 2**24,
+    tokenizer: Tokenizer | None = None,
 ) -> Manifest:
     """Tokenize a corpus into train/val token shards with a manifest.
 
@@ -44,6 +46,9 @@ def prepare(
         val_fraction: share of documents held out for validation, in [0, 1).
         seed: seeds the choice of validation documents.
         shard_tokens: maximum number of tokens per shard file.
+        tokenizer: tokenize with this one (a pretrained model's, to train or distill it on the
+            data) instead of training one; `vocab_size` is then unused. Its settings (special
+            tokens, chat template) are kept beside it, in `tokenizer_config.json`.
 
     Returns:
         The manifest written to `out/manifest.json`.
@@ -52,8 +57,11 @@ def prepare(
     out = _clear_output(Path(out))
     documents = list(iter_documents(corpus))
     splits = split_documents(documents, val_fraction, seed)
-    tokenizer = Tokenizer.train((doc.text for doc in splits["train"]), vocab_size)
-    tokenizer.save(out / TOKENIZER_FILE)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train((doc.text for doc in splits["train"]), vocab_size)
+        tokenizer.save(out / TOKENIZER_FILE)
+    else:
+        tokenizer.save_pretrained(out)
     dtype = token_dtype(tokenizer.vocab_size)
     manifest = Manifest(
         corpus=str(corpus),
@@ -68,6 +76,14 @@ def prepare(
     )
     manifest.save(out)  # NOTE: last, so a folder without it is known to be incomplete
     return manifest
+
+
+def data_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared folder was tokenized with, its special tokens included."""
+    data_dir = Path(data_dir)
+    if (data_dir / SETTINGS_FILE).is_file():  # a pretrained model's tokenizer (see `prepare`)
+        return Tokenizer.load_pretrained(data_dir)
+    return Tokenizer.load(data_dir / TOKENIZER_FILE)
 
 
 def split_documents(
@@ -174,6 +190,7 @@ def _clear_output(out: Path) -> Path:
         raise LmscaleError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
+    (out / SETTINGS_FILE).unlink(missing_ok=True)
     for split in SPLITS:
         for old in out.glob(f"{split}_*.bin"):
             old.unlink()
