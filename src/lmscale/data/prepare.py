@@ -11,11 +11,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
-from lmscale.data.corpus import Document, iter_documents
+from lmscale.data.corpus import Document, iter_documents, read_text
 from lmscale.data.manifest import MANIFEST_FILE, Manifest, Shard, Split
 from lmscale.errors import LmscaleError
 from lmscale.tokenizer import Tokenizer
+from lmscale.tokenizer.pretrained import read_settings
 
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "tokenizer_config.json"
@@ -81,9 +83,18 @@ def prepare(
 def data_tokenizer(data_dir: str | Path) -> Tokenizer:
     """The tokenizer a prepared folder was tokenized with, its special tokens included."""
     data_dir = Path(data_dir)
-    if (data_dir / SETTINGS_FILE).is_file():  # a pretrained model's tokenizer (see `prepare`)
-        return Tokenizer.load_pretrained(data_dir)
-    return Tokenizer.load(data_dir / TOKENIZER_FILE)
+    path = data_dir / TOKENIZER_FILE
+    if not (data_dir / SETTINGS_FILE).is_file():
+        return Tokenizer.load(path)
+    # A pretrained model's tokenizer (see `prepare`): its own special tokens, from the settings.
+    # NOTE: not `Tokenizer.load_pretrained`, which first reads tokenizer.json with lmscale's
+    # special tokens and so refuses tokenizers without them.
+    text = read_text(path)
+    try:
+        settings = read_settings(data_dir, HFTokenizer.from_str(text))
+    except Exception as err:  # tokenizers raises a bare Exception on bad input
+        raise LmscaleError(f"corrupt tokenizer {path}: {err}") from None
+    return Tokenizer.from_json(text, str(path), **settings)
 
 
 def split_documents(

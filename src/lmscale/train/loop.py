@@ -225,6 +225,8 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
         data_tokenizer(train_data.data_dir), context, parallel, ranks,
         cfg.accumulation_steps(parallel.dp_size),
     )  # fmt: skip
+    # NOTE: before anything is written, so that a teacher that does not fit leaves no trace.
+    distill_loss = _distill_loss(run) if config.distill.teacher is not None else None
     if ckpt_path is not None:
         _restore(run, ckpt_path)
     if run.is_main:
@@ -237,8 +239,8 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     elif cfg.compile:
         # The model and the fused loss compile as one graph; the plain model stays what is saved.
         run.loss_fn = torch.compile(lm_loss_sum)
-    if config.distill.teacher is not None:
-        run.loss_fn = _distill_loss(run)
+    if distill_loss is not None:
+        run.loss_fn = distill_loss
     return run
 
 
