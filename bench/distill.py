@@ -9,7 +9,7 @@
 Every perplexity is on the same held-out plays, in windows of --context tokens. The commands
 run as a user runs them (subprocesses); their wall time is printed with the table.
 
-    python bench/distill.py --steps 150 --recover-steps 50
+    python bench/distill.py --steps 40 --recover-steps 20
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ def lmscale(*args: str) -> tuple[dict, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=150, help="student training steps")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40, help="student steps (0 skips)")
+    parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--recover-steps", type=int, default=50, help="0 skips the recovery")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="val tokens scored")
+    parser.add_argument("--recover-steps", type=int, default=20, help="0 skips the recovery")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="val tokens scored")
     parser.add_argument("--dtype", default="bfloat16", help="training precision (autocast)")
     parser.add_argument("--out", help="keep the runs here (default: a temporary folder)")
     args = parser.parse_args()
@@ -58,6 +58,15 @@ def main() -> None:
         "--train.batch_size", str(args.batch_size), "--train.context", str(args.context),
         "--train.eval_max_tokens", str(args.eval_tokens), "--train.dtype", args.dtype,
     ]  # fmt: skip
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"batch {args.batch_size} x {args.context} tokens, {args.dtype}\n")  # fmt: skip
+    if args.steps > 0:
+        distillation(args, out, common)
+    if args.recover_steps > 0:
+        recovery(args, out, common)
+
+
+def distillation(args: argparse.Namespace, out: Path, common: list[str]) -> None:
     distilled, distill_s = lmscale(
         "distill", "--teacher", TEACHER, "--student-config", "configs/student-30m.toml",
         "--data", "shakespeare", "--out", str(out / "student"), "--baseline",
@@ -66,8 +75,6 @@ def main() -> None:
         "--train.eval_interval", str(args.steps), "--train.checkpoint_interval", str(args.steps),
         *common,
     )  # fmt: skip
-    print(f"# {platform.processor() or platform.machine()}, torch threads default, "
-          f"batch {args.batch_size} x {args.context} tokens, {args.dtype}\n")  # fmt: skip
     print(f"## distillation ({args.steps} steps, T={args.temperature}, alpha={args.alpha}; "
           f"both students + teacher eval: {distill_s / 60:.1f} min)\n")  # fmt: skip
     print("| model | params | val loss | val ppl |\n|---|---|---|---|")
@@ -77,12 +84,14 @@ def main() -> None:
         run = distilled[name]
         label = "student, distilled" if name == "student" else "student, no teacher"
         print(f"| {label} | 28M | {run['val_loss']:.4f} | {run['val_ppl']:.2f} |")
-    if args.recover_steps <= 0:
-        return
+
+
+def recovery(args: argparse.Namespace, out: Path, common: list[str]) -> None:
+    prepared = out / "student" / "data"  # the distillation's, tokenized with SmolLM2's tokenizer
     pruned, prune_s = lmscale(
         "prune", "--model", TEACHER, "--method", "structured", "--sparsity", "0.25",
         "--out", str(out / "pruned"), "--recover-steps", str(args.recover_steps),
-        "--recover-data", str(out / "student" / "data"), *common[:-2],
+        "--recover-data", str(prepared if prepared.is_dir() else "shakespeare"), *common[:-2],
     )  # fmt: skip
     recovery = pruned["recovery"]
     print(f"\n## structured 25% pruning + {args.recover_steps} recovery steps "
