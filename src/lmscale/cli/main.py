@@ -583,6 +583,15 @@ def prune_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     p.add_argument("--out", required=True, help="folder to write (a native float model folder)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--recover-steps", type=int, default=0,
+        help="then fine-tune the pruned model this many steps: OUT becomes the run directory "
+        "(the pruned model in OUT/pruned); further --train.X VALUE overrides apply",
+    )  # fmt: skip
+    p.add_argument("--recover-data", default="shakespeare", help="a prepared folder or corpus")
+    p.add_argument("--recover-lr", type=float, default=1e-4, help="peak learning rate")
+    p.add_argument("--recover-distill", action="store_true", help="distill from the unpruned model")
+    p.set_defaults(accepts_overrides=True)
     p.epilog = (
         "magnitude and 2:4 zero weights of the block linears in place (same shapes, a float "
         "folder); structured removes the least important head groups and MLP channels of every "
@@ -590,13 +599,19 @@ def prune_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def prune(args: argparse.Namespace, _: list[str]) -> None:
+def prune(args: argparse.Namespace, overrides: list[str]) -> None:
     from lmscale.compress import PruneConfig, prune_model
 
     config = PruneConfig(args.method, args.sparsity, args.scope, args.importance)
-    result = prune_model(args.model, config, args.out, calibration=args.calibration)
+    if overrides and not args.recover_steps:
+        raise LmscaleError(f"unrecognized arguments: {' '.join(overrides)}")
+    pruned = Path(args.out) / "pruned" if args.recover_steps else args.out
+    if args.recover_steps and Path(args.out).exists():
+        raise LmscaleError(f"{args.out} already exists: choose a new --out")
+    result = prune_model(args.model, config, pruned, calibration=args.calibration)
+    recovered = _recover(args, config, overrides) if args.recover_steps else None
     if args.json:
-        print(json.dumps(result.as_dict()))
+        print(json.dumps(result.as_dict() | {"recovery": recovered and recovered.as_dict()}))
         return
     pruning = result.pruning
     shape = ""
@@ -608,6 +623,70 @@ def prune(args: argparse.Namespace, _: list[str]) -> None:
         f"weights removed -> {result.out} ({result.params / 1e6:.1f}M parameters, "
         f"{result.source_params / 1e6:.1f}M before)"
     )
+    if recovered:
+        print(
+            f"recovery ({args.recover_steps} steps): val ppl {recovered.before.perplexity:.2f} -> "
+            f"{recovered.after.val.perplexity:.2f}; run: {args.out}"
+        )
+
+
+def _recover(args: argparse.Namespace, config, overrides: list[str]):
+    from lmscale.compress.distill import recover
+
+    return recover(
+        Path(args.out) / "pruned", args.out, args.recover_data, args.recover_steps,
+        args.recover_lr, teacher=args.model if args.recover_distill else None,
+        keep_zeros=config.method != "structured", overrides=overrides, progress=not args.json,
+    )  # fmt: skip
+
+
+# --- distill ---------------------------------------------------------------------------------
+
+
+def distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--teacher", required=True, help="a bundled name, .gguf, HF folder or run dir")
+    p.add_argument("--student-config", required=True, help="TOML run config of the student")
+    p.add_argument(
+        "--data", required=True,
+        help="a prepared folder or a corpus; prepared with the teacher's tokenizer into OUT/data "
+        "unless it already uses it",
+    )  # fmt: skip
+    p.add_argument("--out", required=True, help="the student's run directory")
+    p.add_argument("--temperature", type=float, help="softens both distributions (default 2.0)")
+    p.add_argument("--alpha", type=float, help="weight of the KL term vs cross-entropy (0.5)")
+    p.add_argument(
+        "--baseline", action="store_true",
+        help="also train the student without the teacher (same steps, seed, data) into "
+        "OUT/baseline and compare",
+    )  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.epilog = "Further --section.field VALUE overrides apply to the student (and the baseline)."
+    p.set_defaults(accepts_overrides=True)
+
+
+def distill(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmscale.compress.distill import distill as run_distill
+
+    flags = {"temperature": args.temperature, "alpha": args.alpha}
+    overrides = [*overrides] + [
+        item for name, value in flags.items() if value is not None
+        for item in (f"--distill.{name}", str(value))
+    ]  # fmt: skip
+    result = run_distill(
+        args.teacher, args.student_config, args.data, args.out, overrides, args.baseline,
+        progress=not args.no_progress and not args.json,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(result.as_dict()))
+        return
+    rows = [("teacher", args.teacher, result.teacher.loss, result.teacher.perplexity)]
+    for name, run in (("student", result.student), ("baseline", result.baseline)):
+        if run is not None:
+            rows.append((name, str(run.run_dir), run.val.loss, run.val.perplexity))
+    print(f"{'model':<10} {'val loss':>9} {'val ppl':>9}  where")
+    for name, where, loss, ppl in rows:
+        print(f"{name:<10} {loss:>9.4f} {ppl:>9.2f}  {where}")
 
 
 # --- compress-report -------------------------------------------------------------------------
@@ -810,6 +889,7 @@ VERBS: dict[str, Verb] = {
     "export": (export_args, export, "write a model in another format (hf, native, onnx)"),
     "quantize": (quantize_args, quantize, "weight-only int8 / int4 quantization of a model"),
     "prune": (prune_args, prune, "magnitude, 2:4 or structured pruning of a model"),
+    "distill": (distill_args, distill, "train a student from a teacher (KL on soft logits + CE)"),
     "compress-report": (report_args, compress_report, "size, quality, speed of variants"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
     "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters on chat data"),

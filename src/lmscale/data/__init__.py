@@ -3,7 +3,7 @@
 from lmscale.data.corpus import Document, iter_documents, shakespeare_dir
 from lmscale.data.loader import Loader, TokenDataset
 from lmscale.data.manifest import FORMAT_VERSION, Manifest, Shard, Split
-from lmscale.data.prepare import prepare, split_documents, token_dtype
+from lmscale.data.prepare import data_tokenizer, prepare, split_documents, token_dtype
 
 __all__ = [
     "FORMAT_VERSION",
@@ -13,6 +13,7 @@ __all__ = [
     "Shard",
     "Split",
     "TokenDataset",
+    "data_tokenizer",
     "iter_documents",
     "prepare",
     "shakespeare_dir",

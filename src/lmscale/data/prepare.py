@@ -11,13 +11,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
 
-from lmscale.data.corpus import Document, iter_documents
+from lmscale.data.corpus import Document, iter_documents, read_text
 from lmscale.data.manifest import MANIFEST_FILE, Manifest, Shard, Split
 from lmscale.errors import LmscaleError
 from lmscale.tokenizer import Tokenizer
+from lmscale.tokenizer.pretrained import read_settings
 
 TOKENIZER_FILE = "tokenizer.json"
+SETTINGS_FILE = "tokenizer_config.json"
 SPLITS = ("train", "val")
 _ENCODE_BATCH_DOCS = 64  # documents encoded per call: parallel, yet bounded memory
 
@@ -34,6 +37,7 @@ def prepare(
     val_fraction: float = 0.1,
     seed: int = 0,
     shard_tokens: int = 2**24,
+    tokenizer: Tokenizer | None = None,
 ) -> Manifest:
     """Tokenize a corpus into train/val token shards with a manifest.
 
@@ -44,6 +48,9 @@ def prepare(
         val_fraction: share of documents held out for validation, in [0, 1).
         seed: seeds the choice of validation documents.
         shard_tokens: maximum number of tokens per shard file.
+        tokenizer: tokenize with this one (a pretrained model's, to train or distill it on the
+            data) instead of training one; `vocab_size` is then unused. Its settings (special
+            tokens, chat template) are kept beside it, in `tokenizer_config.json`.
 
     Returns:
         The manifest written to `out/manifest.json`.
@@ -52,8 +59,11 @@ def prepare(
     out = _clear_output(Path(out))
     documents = list(iter_documents(corpus))
     splits = split_documents(documents, val_fraction, seed)
-    tokenizer = Tokenizer.train((doc.text for doc in splits["train"]), vocab_size)
-    tokenizer.save(out / TOKENIZER_FILE)
+    if tokenizer is None:
+        tokenizer = Tokenizer.train((doc.text for doc in splits["train"]), vocab_size)
+        tokenizer.save(out / TOKENIZER_FILE)
+    else:
+        tokenizer.save_pretrained(out)
     dtype = token_dtype(tokenizer.vocab_size)
     manifest = Manifest(
         corpus=str(corpus),
@@ -68,6 +78,23 @@ def prepare(
     )
     manifest.save(out)  # NOTE: last, so a folder without it is known to be incomplete
     return manifest
+
+
+def data_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a prepared folder was tokenized with, its special tokens included."""
+    data_dir = Path(data_dir)
+    path = data_dir / TOKENIZER_FILE
+    if not (data_dir / SETTINGS_FILE).is_file():
+        return Tokenizer.load(path)
+    # A pretrained model's tokenizer (see `prepare`): its own special tokens, from the settings.
+    # NOTE: not `Tokenizer.load_pretrained`, which first reads tokenizer.json with lmscale's
+    # special tokens and so refuses tokenizers without them.
+    text = read_text(path)
+    try:
+        settings = read_settings(data_dir, HFTokenizer.from_str(text))
+    except Exception as err:  # tokenizers raises a bare Exception on bad input
+        raise LmscaleError(f"corrupt tokenizer {path}: {err}") from None
+    return Tokenizer.from_json(text, str(path), **settings)
 
 
 def split_documents(
@@ -174,6 +201,7 @@ def _clear_output(out: Path) -> Path:
         raise LmscaleError(f"output {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)
+    (out / SETTINGS_FILE).unlink(missing_ok=True)
     for split in SPLITS:
         for old in out.glob(f"{split}_*.bin"):
             old.unlink()

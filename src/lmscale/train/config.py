@@ -79,6 +79,12 @@ class TrainConfig:
     """Save a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = 3
     """How many of the newest checkpoints to keep."""
+    init_from: str | None = None
+    """Start from this model's weights and shape (a run, model folder, .gguf or bundled name)
+    instead of a random init; [model] is then ignored. Fine-tuning, pruning recovery."""
+    freeze_zeros: bool = False
+    """Weights of the block linears that are exactly zero at the start stay zero (their gradient
+    is masked): fine-tuning keeps a magnitude or 2:4 pruned model's sparsity."""
 
     def __post_init__(self) -> None:
         positive = (
@@ -117,6 +123,31 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a frozen teacher (off while `teacher` is unset)."""
+
+    teacher: str | None = None
+    """The teacher: a bundled name, .gguf, HF folder or run dir, with the data's tokenizer."""
+    temperature: float = 2.0
+    """Softens teacher and student distributions in the KL term (scaled back by T^2)."""
+    alpha: float = 0.5
+    """Weight of the KL term; 1 - alpha weighs the cross-entropy on the data."""
+    teacher_dtype: str | None = None
+    """float32, bfloat16 or float16 for the teacher's weights; None keeps the saved dtype."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise LmscaleError(f"distill.temperature must be positive, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LmscaleError(f"distill.alpha must be in [0, 1], got {self.alpha}")
+        if self.teacher_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise LmscaleError(
+                f"distill.teacher_dtype must be float32, bfloat16 or float16, got "
+                f"'{self.teacher_dtype}'"
+            )
+
+
+@dataclass
 class RunConfig:
     """Everything a training run needs; saved as the run directory's config.toml."""
 
@@ -124,6 +155,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_toml(self) -> str:
         return to_toml({f.name: to_dict(getattr(self, f.name)) for f in dataclasses.fields(self)})

@@ -15,6 +15,7 @@ and resumed reaches the same weights as one never stopped.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import statistics
 import sys
@@ -28,10 +29,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lmscale.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmscale.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+    save_checkpoint,
+)
 from lmscale.checkpoint.sharded import is_sharded
 from lmscale.config import to_dict
-from lmscale.data import Loader, TokenDataset
+from lmscale.data import Loader, TokenDataset, data_tokenizer
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
 from lmscale.parallel import (
@@ -48,6 +54,7 @@ from lmscale.parallel.grads import clip_grad_norm_
 from lmscale.parallel.parallelize import Parallel, parallelize
 from lmscale.tokenizer import Tokenizer
 from lmscale.train.config import RunConfig, load_run_config
+from lmscale.train.distill_loss import DistillLoss
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
 from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
 from lmscale.train.metrics import MetricsLog
@@ -184,16 +191,16 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     train_data = TokenDataset(config.data.path, "train")
     val_data = TokenDataset(config.data.path, "val")
     val_data = val_data if len(val_data) >= 2 else None
-    # Training from scratch: the vocabulary is the data's, whatever the preset said.
-    config.model = config.model.replace(vocab_size=train_data.manifest.vocab_size)
+    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
+    model = _initial_model(config, train_data, device)
     context = config.train.context or config.model.max_seq_len
     if context > config.model.max_seq_len:
         raise LmscaleError(
             f"train.context {context} exceeds model.max_seq_len {config.model.max_seq_len}"
         )
-    torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
-    model = Transformer(config.model).to(device)
     cfg = config.train
+    if cfg.freeze_zeros:
+        freeze_zeros_(model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
     parallel = parallelize(
@@ -215,9 +222,11 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     )  # fmt: skip
     run = Run(
         config, run_dir, device, parallel.module, optimizer, loader, train_data, val_data,
-        Tokenizer.load(train_data.tokenizer_path), context, parallel, ranks,
+        data_tokenizer(train_data.data_dir), context, parallel, ranks,
         cfg.accumulation_steps(parallel.dp_size),
     )  # fmt: skip
+    # NOTE: before anything is written, so that a teacher that does not fit leaves no trace.
+    distill_loss = _distill_loss(run) if config.distill.teacher is not None else None
     if ckpt_path is not None:
         _restore(run, ckpt_path)
     if run.is_main:
@@ -230,7 +239,63 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     elif cfg.compile:
         # The model and the fused loss compile as one graph; the plain model stays what is saved.
         run.loss_fn = torch.compile(lm_loss_sum)
+    if distill_loss is not None:
+        run.loss_fn = distill_loss
     return run
+
+
+def _initial_model(config: RunConfig, train_data: TokenDataset, device) -> Transformer:
+    """A fresh model of `config.model` (its vocabulary the data's), or `train.init_from`'s.
+
+    Either way `config.model` ends up describing the model, so the saved config rebuilds it.
+    """
+    vocab = train_data.manifest.vocab_size
+    if config.train.init_from is None:
+        config.model = config.model.replace(vocab_size=vocab)
+        return Transformer(config.model).to(device)
+    model, _ = load_pretrained(config.train.init_from, device, dtype="float32")
+    if model.config.vocab_size != vocab:
+        raise LmscaleError(
+            f"train.init_from {config.train.init_from} has a vocabulary of "
+            f"{model.config.vocab_size}, the data {train_data.data_dir} of {vocab}"
+        )
+    config.model = model.config
+    return model.train()
+
+
+def freeze_zeros_(model: Transformer) -> None:
+    """Mask the gradient of every exactly-zero weight of the block linears, so it stays zero.
+
+    With a zero gradient, SGD, momentum and AdamW (moments 0, decay of a 0 weight is 0) all
+    leave the weight at 0. NOTE: the hooks sit on the parameters: one process or DDP; FSDP2
+    and tensor parallel replace the parameters and drop them.
+    """
+    for module in model.layers.modules():
+        if isinstance(module, nn.Linear) and bool((module.weight == 0).any()):
+            keep = (module.weight != 0).detach()
+            module.weight.register_hook(lambda grad, keep=keep: grad * keep)
+
+
+def _distill_loss(run: Run) -> DistillLoss:
+    """The teacher named in `[distill]`, frozen on the run's device, as the loop's loss."""
+    cfg = run.config.distill
+    teacher, tokenizer = load_pretrained(cfg.teacher, run.device, cfg.teacher_dtype)
+    student_vocab = run.config.model.vocab_size
+    if teacher.config.vocab_size != student_vocab:
+        raise LmscaleError(
+            f"teacher {cfg.teacher} has a vocabulary of {teacher.config.vocab_size}, the student "
+            f"{student_vocab}: distillation needs the same tokenizer (prepare the data with the "
+            "teacher's)"
+        )
+    if json.loads(tokenizer.to_json()) != json.loads(run.tokenizer.to_json()):
+        raise LmscaleError(
+            f"the data {run.config.data.path} was tokenized with another tokenizer than the "
+            f"teacher {cfg.teacher}'s (prepare it with the teacher's)"
+        )
+    teacher.requires_grad_(False)
+    return DistillLoss(
+        teacher.eval(), cfg.temperature, cfg.alpha, fused=not run.parallel.distributed
+    )
 
 
 def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
