@@ -254,7 +254,8 @@ def _train(
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if metrics and ((step + 1) % config.log_interval == 0 or step + 1 in (1, config.steps)):
-            metrics.log(step + 1, loss=losses[-1], lr=lr, step_time_s=times[-1])
+            scored = int(n_targets.item())  # assistant tokens of the step, over all ranks
+            metrics.log(step + 1, loss=losses[-1], lr=lr, targets=scored, step_time_s=times[-1])
             if progress:
                 tqdm.write(f"step {step + 1}: loss {losses[-1]:.4f}")
     bar.close()
