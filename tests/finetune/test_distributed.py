@@ -103,7 +103,7 @@ def test_rank_shares_make_the_one_process_batch():
         (["--parallel.strategy", "none"], "parallel.strategy none runs on one process"),
         (["--batch-size", "1"], "--batch-size 1 (rows per step) is fewer than --nproc 2"),
         (["--parallel.stratgy", "ddp"], "unknown option 'parallel.stratgy'"),
-        (["--train.steps", "3"], "only --parallel.* applies"),
+        (["--train.steps", "3"], "unrecognized option '--train.steps'"),
     ],
 )
 def test_unsupported_runs_are_refused_before_starting(

@@ -711,12 +711,18 @@ def finetune_args(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--dtype", default="float32", help="autocast: float32, bfloat16, float16")
     lora.add_argument("--device", default="auto", help="auto, cpu, cuda")
     lora.add_argument("--json", action="store_true", help="print one JSON object")
-    lora.add_argument(
-        "--nproc",
-        type=int,
-        help="train on N processes (torchrun); --parallel.strategy ddp|fsdp|hsdp",
-    )
-    lora.set_defaults(accepts_overrides=True)  # --parallel.FIELD VALUE
+    lora.add_argument("--nproc", type=int, help="N processes (torchrun); see --parallel.strategy")
+    lora.set_defaults(accepts_overrides=True)  # --parallel.FIELD VALUE, as in `train`
+    lora.epilog_factory = _parallel_help
+    lora.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _parallel_help() -> str:
+    from lmscale.config import describe_options
+    from lmscale.parallel import ParallelConfig
+
+    lines = ["with --nproc (ddp, fsdp or hsdp; tp is refused), as --parallel.FIELD VALUE:"]
+    return "\n".join(lines + describe_options("parallel", ParallelConfig, ParallelConfig()))
 
 
 def finetune_lora(args: argparse.Namespace, overrides: list[str]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -25,11 +26,15 @@ from torch.distributed.tensor import DTensor
 
 from lmscale.config import from_dict, parse_overrides
 from lmscale.errors import LmscaleError
+from lmscale.finetune.adapter import WEIGHTS
 from lmscale.finetune.lora import adapter_state_dict
 from lmscale.finetune.sft_data import read_chat_jsonl
 from lmscale.finetune.shakespeare_chat import NAME as SHAKESPEARE_SPEAKERS
 from lmscale.parallel import ParallelConfig, Ranks
 from lmscale.parallel.mesh import mesh_shape
+
+if TYPE_CHECKING:
+    from lmscale.finetune.sft import SFTConfig
 
 ADAPTER_STRATEGIES = ("none", "ddp", "fsdp", "hsdp")
 
@@ -37,9 +42,12 @@ ADAPTER_STRATEGIES = ("none", "ddp", "fsdp", "hsdp")
 def parallel_config(overrides: list[str]) -> ParallelConfig:
     """A `ParallelConfig` from `--parallel.FIELD VALUE` arguments (no other section)."""
     sections = parse_overrides(overrides)
-    other = [name for name in sections if name != "parallel"]
-    if other:
-        raise LmscaleError(f"unknown option section '--{other[0]}.': only --parallel.* applies")
+    for section, values in sections.items():
+        if section != "parallel":
+            raise LmscaleError(
+                f"unrecognized option '--{section}.{next(iter(values))}' "
+                "(fine-tuning takes --parallel.FIELD VALUE overrides only)"
+            )
     return from_dict(ParallelConfig, sections.get("parallel", {}), "parallel.")
 
 
@@ -54,7 +62,7 @@ def adapter_strategy(config: ParallelConfig, world_size: int) -> str:
     return strategy
 
 
-def check_launch(config, nproc: int, out: str | Path) -> None:
+def check_launch(config: SFTConfig, nproc: int, out: str | Path) -> None:
     """Refuse, before any process starts, what every worker would refuse (an `SFTConfig`)."""
     if nproc < 1:
         raise LmscaleError(f"--nproc must be positive, got {nproc}")
@@ -65,7 +73,7 @@ def check_launch(config, nproc: int, out: str | Path) -> None:
         raise LmscaleError(
             f"--batch-size {config.batch_size} (rows per step) is fewer than --nproc {nproc}"
         )
-    if (Path(out) / "adapter_model.safetensors").exists():
+    if (Path(out) / WEIGHTS).exists():
         raise LmscaleError(f"{out} already holds an adapter: choose a new --out")
     if config.data != SHAKESPEARE_SPEAKERS:
         read_chat_jsonl(config.data)
@@ -85,7 +93,11 @@ def barrier() -> None:
 
 
 def worker_args(args: argparse.Namespace, skip: tuple[str, ...] = ("nproc",)) -> list[str]:
-    """The parsed `finetune lora` flags again, for the workers (every flag is `--dest`)."""
+    """The parsed `finetune lora` flags again, for the workers.
+
+    NOTE: every flag of `finetune lora` is `--` + its dest with `-` for `_`; store_true flags
+    come back when set. A flag added with another spelling needs its own case here.
+    """
     out = []
     for dest, value in vars(args).items():
         if dest in skip or callable(value) or dest == "accepts_overrides":

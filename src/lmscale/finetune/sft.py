@@ -33,9 +33,10 @@ from lmscale.errors import LmscaleError
 from lmscale.finetune.adapter import WEIGHTS, adapter_record, write_adapter
 from lmscale.finetune.distributed import adapter_strategy, barrier, full_adapter_state
 from lmscale.finetune.lora import LoRAConfig, LoRALinear, apply_lora_
-from lmscale.finetune.sft_data import RowLoader, build_rows, read_chat_jsonl
+from lmscale.finetune.sft_data import Example, RowLoader, build_rows, read_chat_jsonl
 from lmscale.finetune.shakespeare_chat import NAME as SHAKESPEARE_SPEAKERS
 from lmscale.finetune.shakespeare_chat import speaker_conversations
+from lmscale.model import Transformer
 from lmscale.model.quantized import QuantizedLinear
 from lmscale.parallel import (
     ParallelConfig,
@@ -152,13 +153,7 @@ def finetune_lora(
     ranks = ranks_from_env()
     strategy = adapter_strategy(config.parallel, ranks.world_size)
     device = device_for(ranks, resolve_device(config.device))
-    conversations = _conversations(config.data)  # a bad file fails before the model loads
-    model, tokenizer = load_pretrained(config.model, device)
-    rows = build_rows(tokenizer, conversations, config.max_length, config.packing)
-    torch.manual_seed(config.seed)  # every rank builds the same adapter
-    if config.quantize:
-        quantize_(model, QuantConfig(config.quantize, config.group_size))
-    apply_lora_(model, lora)
+    model, rows, pad_id = _adapted_model(config, lora, device)
     record = adapter_record(  # hashes the base while it is whole (before FSDP shards it)
         model, lora, extra={"base_model": config.model, "training": asdict(config)}
     )
@@ -171,9 +166,8 @@ def finetune_lora(
         parallel = parallelize(model, config.parallel, ranks, device, DTYPES[config.dtype])
         torch.manual_seed(config.seed + parallel.dp_rank)  # each rank its own dropout masks
         loader = RowLoader(
-            rows, config.batch_size, tokenizer.pad_id or 0, config.seed,
-            rank=parallel.dp_rank, world_size=parallel.dp_size,
-        )  # fmt: skip
+            rows, config.batch_size, pad_id, config.seed, parallel.dp_rank, parallel.dp_size
+        )
         losses, times = _train_logged(parallel, loader, config, ranks, out, progress)
         state = full_adapter_state(parallel.module)  # all ranks: gathers FSDP's shards
         if ranks.is_main:
@@ -186,6 +180,20 @@ def finetune_lora(
         out, config.steps, losses[0], losses[-1], trainable, total, len(rows),
         tokens / statistics.median(times), strategy, ranks.world_size, ranks.is_main,
     )  # fmt: skip
+
+
+def _adapted_model(
+    config: SFTConfig, lora: LoRAConfig, device: torch.device
+) -> tuple[Transformer, list[Example], int]:
+    """The base with its fresh adapter (the same on every rank), the packed rows, the pad id."""
+    conversations = _conversations(config.data)  # a bad file fails before the model loads
+    model, tokenizer = load_pretrained(config.model, device)
+    rows = build_rows(tokenizer, conversations, config.max_length, config.packing)
+    torch.manual_seed(config.seed)
+    if config.quantize:
+        quantize_(model, QuantConfig(config.quantize, config.group_size))
+    apply_lora_(model, lora)
+    return model, rows, tokenizer.pad_id or 0
 
 
 def _teardown(strategy: str, finished: bool) -> None:
