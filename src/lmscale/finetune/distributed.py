@@ -53,13 +53,17 @@ def parallel_config(overrides: list[str]) -> ParallelConfig:
 
 def adapter_strategy(config: ParallelConfig, world_size: int) -> str:
     """The strategy `config` resolves to on `world_size` processes; one adapters can train under."""
-    strategy = config.resolved_strategy(world_size)
-    if strategy not in ADAPTER_STRATEGIES:
+    if config.strategy not in ADAPTER_STRATEGIES + ("auto",):
         raise LmscaleError(
-            f"parallel.strategy {strategy} is not supported for LoRA fine-tuning "
-            f"(its plan cannot shard wrapped layers): use ddp, fsdp or hsdp"
+            f"parallel.strategy {config.strategy} is not supported for LoRA fine-tuning "
+            "(its plan cannot shard wrapped layers): use ddp, fsdp or hsdp"
         )
-    return strategy
+    if config.strategy == "none" and world_size > 1:
+        raise LmscaleError(
+            f"parallel.strategy none runs on one process, but {world_size} were started: "
+            "choose ddp, fsdp or hsdp"
+        )
+    return config.resolved_strategy(world_size)
 
 
 def check_launch(config: SFTConfig, nproc: int, out: str | Path) -> None:
