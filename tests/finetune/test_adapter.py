@@ -100,6 +100,8 @@ def test_merging_a_qlora_adapter_writes_a_folder_computing_the_same(tiny_model_d
     assert type(merged.layers[0].attention.wq) is torch.nn.Linear  # adapted: float
     assert isinstance(merged.layers[0].attention.wk, QuantizedLinear)  # the rest keeps its ints
     with torch.no_grad():
-        assert (merged(TOKENS) - model(TOKENS)).abs().max() <= 1e-5
+        # NOTE: the int4 CPU kernel runs its activations in bfloat16, the merged float layer
+        # in float32: they agree to bf16 rounding, not to 1e-5 (float bases are tested exactly).
+        assert (merged(TOKENS) - model(TOKENS)).abs().max() <= 5e-3
     with pytest.raises(LmscaleError, match="already exists"):
         merge_adapter(tiny_model_dir, tmp_path / "ad", tmp_path / "merged")

@@ -105,7 +105,9 @@ def test_quantized_base_merges_only_by_dequantizing(tiny_model):
         merge_and_unload(tiny_model, dequantize=True)
         assert type(tiny_model.layers[0].attention.wq) is torch.nn.Linear
         assert isinstance(tiny_model.layers[0].attention.wk, QuantizedLinear)  # not adapted
-        assert (tiny_model(TOKENS) - adapted).abs().max() <= 1e-5
+        # NOTE: the int8 CPU kernel runs its activations in bfloat16, the merged float layers in
+        # float32, so they agree to bf16 rounding (float bases merge to 1e-5: tests above).
+        assert (tiny_model(TOKENS) - adapted).abs().max() <= 5e-3
 
 
 def test_two_adapters_switch_and_switching_back_reproduces(tiny_model):

@@ -194,7 +194,10 @@ class QuantizedLinear(nn.Module):
     # --- the matmul --------------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
-        if not use_kernels or x.device.type != "cpu" or x.dtype not in _FLOATS:
+        # NOTE: the kernels have no backward; when a gradient must flow through to the input
+        # (QLoRA: adapters in earlier layers), the differentiable reference matmul runs instead.
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if not use_kernels or needs_grad or x.device.type != "cpu" or x.dtype not in _FLOATS:
             return self.reference(x)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
