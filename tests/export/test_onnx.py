@@ -23,9 +23,18 @@ pytest.importorskip("onnxscript")
 
 from lmscale.export import export_onnx  # noqa: E402
 from lmscale.export.nbits import dequantize_nbits, nbits_tensors  # noqa: E402
+from lmscale.export.onnx import exact_quantized_math  # noqa: E402
 from lmscale.export.onnx_runtime import OnnxModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(autouse=True)
+def exact_lmscale_math():
+    """Compare with lmscale's exact quantized math (see `exact_quantized_math`), not its
+    bfloat16-activation CPU kernels."""
+    with exact_quantized_math():
+        yield
 
 
 def tiny_model(name: str, method: str | None = None, seed: int = 0) -> Transformer:
@@ -227,3 +236,23 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path):
         require_onnx()
     with pytest.raises(LmscaleError, match="onnxruntime is missing"):
         export_onnx(tiny_model("tiny"), None, tmp_path / "o")
+
+
+def test_quantized_embeddings_export_with_the_tied_head_kept_as_integers(tmp_path):
+    """int4 blocks + an int4 embedding table tied to the head (what `quantize --embeddings int4`
+    writes): the lookup exports as a float table, the head as MatMulNBits; logits match."""
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    quantize_(model, QuantConfig("int4", 32, embeddings="int4"))
+    out = export_onnx(model, None, tmp_path / "m")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 7 * model.config.n_layers + 1  # every block linear and the head
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3)
+    )
+    ref_logits, ref_tokens = lmscale_greedy(model, ids, steps=2)
+    ort = OnnxModel(out)
+    logits, past = ort.step(ids.numpy(), ort.empty_past(1))
+    assert np.abs(logits[:, -1] - ref_logits[0].numpy()).max() <= 1e-3
+    assert np.array_equal(logits[:, -1].argmax(-1)[:, None], ref_tokens[0].numpy())

@@ -18,20 +18,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lmscale.model.quantized import QuantizedLinear, unpack_int4
+from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 DOMAIN = "com.microsoft"
 
 
 def codes(layer: QuantizedLinear) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(q, scales, zeros) of a layer, unpacked: dequantized = (q - zeros) * scales per group.
-
-    q: int8 (out, in) for int8, uint8 (out, in) in 0..15 for int4; scales: float32 (out,) or
-    (out, in/g); zeros: float32 (out, in/g), or None (int8 is symmetric).
-    """
-    if layer.method == "int8":
-        return layer.qweight, layer.scales.float(), None
-    return unpack_int4(layer.qweight), layer.scales.float(), layer.zeros.float()
+    """(q, scales, zeros) of a layer, unpacked (`QuantizedLinear.codes`), scales in float32."""
+    q, scales, zeros = layer.codes()
+    return q, scales.float(), None if zeros is None else zeros.float()
 
 
 def _pack(values: Tensor, bits: int) -> Tensor:
@@ -54,7 +49,7 @@ def nbits_tensors(layer: QuantizedLinear) -> dict:
     """MatMulNBits' inputs and attributes for `layer` (see the module docstring)."""
     q, scales, zeros = codes(layer)
     N, K = q.shape
-    if layer.method == "int8":
+    if layer.method != "int4":  # int8 and int8-dynamic share the weight layout
         bits, block = 8, _block_size(K)
         q = (q.to(torch.int16) + 128).to(torch.uint8)
         scales = scales[:, None].expand(N, K // block)
@@ -155,8 +150,20 @@ class NBitsLinear(nn.Module):
 
 
 def swap_to_nbits_(model: nn.Module) -> int:
-    """Replace every `QuantizedLinear` in `model` by an `NBitsLinear`; returns how many."""
-    names = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    """Replace every `QuantizedLinear` matmul in `model` by an `NBitsLinear`; returns how many.
+
+    A quantized token embedding becomes a float `nn.Embedding` of its dequantized table (its
+    unpacking does not export cleanly to ONNX types yet, so the lookup costs the float table's
+    bytes); a tied output head keeps the integers, under the name `output`.
+    """
+    embedding = getattr(model, "tok_embeddings", None)
+    if isinstance(embedding, QuantizedEmbedding):
+        model.tok_embeddings = nn.Embedding.from_pretrained(embedding.dequantize(torch.float32))
+    names = [
+        name
+        for name, m in model.named_modules(remove_duplicate=False)
+        if isinstance(m, QuantizedLinear) and not name.startswith("tok_embeddings.")
+    ]
     for name in names:
         model.set_submodule(name, NBitsLinear(model.get_submodule(name)))
     return len(names)
