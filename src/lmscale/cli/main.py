@@ -841,6 +841,10 @@ def finetune_args(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--dtype", default="float32", help="autocast: float32, bfloat16, float16")
     lora.add_argument("--device", default="auto", help="auto, cpu, cuda")
     lora.add_argument("--json", action="store_true", help="print one JSON object")
+    lora.add_argument("--nproc", type=int, help="N processes (torchrun); see --parallel.strategy")
+    lora.set_defaults(accepts_overrides=True)  # --parallel.FIELD VALUE, as in `train`
+    lora.epilog_factory = _parallel_help
+    lora.formatter_class = argparse.RawDescriptionHelpFormatter
     _classify_train_args(kinds)
 
 
@@ -930,7 +934,16 @@ def classify(args: argparse.Namespace, _: list[str]) -> None:
         )
 
 
-def finetune_lora(args: argparse.Namespace, _: list[str]) -> None:
+def _parallel_help() -> str:
+    from lmscale.config import describe_options
+    from lmscale.parallel import ParallelConfig
+
+    lines = ["with --nproc (ddp, fsdp or hsdp; tp is refused), as --parallel.FIELD VALUE:"]
+    return "\n".join(lines + describe_options("parallel", ParallelConfig, ParallelConfig()))
+
+
+def finetune_lora(args: argparse.Namespace, overrides: list[str]) -> None:
+    from lmscale.finetune import distributed
     from lmscale.finetune.lora import LoRAConfig
     from lmscale.finetune.sft import SFTConfig, finetune_lora
 
@@ -940,8 +953,17 @@ def finetune_lora(args: argparse.Namespace, _: list[str]) -> None:
         max_length=args.max_length, packing=not args.no_packing, lr=args.lr,
         warmup_steps=args.warmup_steps, quantize=args.quantize, group_size=args.group_size,
         dtype=args.dtype, device=args.device, seed=args.seed, log_interval=args.log_interval,
+        parallel=distributed.parallel_config(overrides),
     )  # fmt: skip
+    if args.nproc is not None:
+        distributed.check_launch(config, args.nproc, args.out)
+        distributed.launch_finetune(
+            args.nproc, ["lora", *distributed.worker_args(args), *overrides]
+        )
+        return
     summary = finetune_lora(config, lora, args.out, progress=not args.json)
+    if not summary.is_main:  # rank 0 of a distributed run reports for all
+        return
     if args.json:
         print(json.dumps(summary.as_dict()))
         return

@@ -4,14 +4,14 @@ A model's RAM and speed are measured in a child process that loads nothing else,
 report's own process the original and every other variant are resident at once (so its peak
 RSS says nothing about one variant), and allocator state left by one variant slows the next.
 
-The child (`python -m lmscale.compress.measure DIR --dtype D ...`) prints one JSON line:
+The child (`lmscale.compress.measure.main([DIR, "--dtype", D, ...])`) prints one JSON line:
 
     load_s        seconds to load the folder into a ready model
     peak_ram      bytes: the process's peak RSS minus its RSS before loading (so the Python and
                   torch import, ~0.3 GB here, is left out; loading transients are included)
     prompt_tok_s  prompt tokens / s: one uncached pass over `prompt` random tokens, median
-    decode_tok_s  greedy tokens / s after that prompt through the KV cache, median; the prefill
-                  is not in it (decode s = time for n + 1 tokens - time for 1 token)
+    decode_tok_s  greedy tokens / s after that prompt through the KV cache, median; timed from
+                  the first generated token on, so the prefill is not in it
 
 The decode loop is `lmscale.engine.generate_ids`' in miniature (`compress` sits below `engine`
 in DESIGN.md's dependency order), with float32 weights re-laid out as the `generate` verb does.
@@ -73,7 +73,8 @@ def measure(
         LmscaleError: the child failed (its last line of stderr is in the message).
     """
     command = [
-        sys.executable, "-m", "lmscale.compress.measure", str(model_dir), "--dtype", dtype,
+        sys.executable, "-c", "import sys; from lmscale.compress.measure import main; "
+        "sys.exit(main(sys.argv[1:]))", str(model_dir), "--dtype", dtype,
         "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens),
         "--repeats", str(repeats),
     ]  # fmt: skip
@@ -99,15 +100,18 @@ def _peak_rss() -> int:
 
 
 @torch.inference_mode()
-def greedy_decode(model, prompt: torch.Tensor, n_tokens: int) -> list[int]:
-    """`n_tokens` greedy ids after `prompt` (1, T), through the KV cache."""
+def greedy_decode(model, prompt: torch.Tensor, n_tokens: int) -> tuple[list[int], float]:
+    """`n_tokens` greedy ids after `prompt` (1, T) through the KV cache, and the seconds spent
+    on all but the first (the decode steps proper, after the prompt's pass)."""
     cache = model.new_cache(1, prompt.shape[1] + n_tokens)
-    tokens, out = prompt, []
+    tokens, out, start = prompt, [], 0.0
     for _ in range(n_tokens):
         hidden = model.hidden_states(tokens, cache)[:, -1]  # (1, dim)
         tokens = model.output(hidden).argmax(-1, keepdim=True)  # (1, 1)
         out.append(int(tokens))
-    return out
+        if len(out) == 1:
+            start = time.perf_counter()
+    return out, time.perf_counter() - start
 
 
 def _timed(fn) -> float:
@@ -139,15 +143,14 @@ def _measure_here(args: argparse.Namespace) -> Speed:
     greedy_decode(model, prompt, 2)
     prompt_s = statistics.median(_timed(prefill) for _ in range(args.repeats))
     n = args.decode_tokens
-    one = statistics.median(_timed(lambda: greedy_decode(model, prompt, 1)) for _ in range(2))
-    full = statistics.median(
-        _timed(lambda: greedy_decode(model, prompt, n + 1)) for _ in range(args.repeats)
+    decode_s = statistics.median(
+        greedy_decode(model, prompt, n + 1)[1] for _ in range(args.repeats)
     )
     return Speed(
         load_s=load_s,
         peak_ram=max(0, _peak_rss() - before),
         prompt_tok_s=n_prompt / prompt_s,
-        decode_tok_s=n / max(full - one, 1e-9),
+        decode_tok_s=n / decode_s,
     )
 
 
@@ -162,7 +165,3 @@ def main(argv: list[str] | None = None) -> int:
     speed = _measure_here(parser.parse_args(argv))
     print(json.dumps(speed.as_dict()))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

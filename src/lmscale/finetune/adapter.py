@@ -36,6 +36,7 @@ from lmscale.finetune.lora import (
     LoRALinear,
     adapter_state_dict,
     apply_lora_,
+    lora_layers,
 )
 from lmscale.model.quantized import QuantizedLinear
 
@@ -61,15 +62,31 @@ def save_adapter(
     Returns:
         The folder.
     """
-    state = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model, name).items()}
+    state = adapter_state_dict(model, name)
     if not state:
         raise LmscaleError(f"the model holds no adapter named '{name}'")
-    modules = [k.removesuffix(".lora_A.weight") for k in state if k.endswith(".lora_A.weight")]
-    record = {
+    return write_adapter(out, state, adapter_record(model, config, name, extra))
+
+
+def adapter_record(
+    model: nn.Module, config: LoRAConfig, name: str = DEFAULT_ADAPTER, extra: dict | None = None
+) -> dict:
+    """adapter_config.json's contents for adapter `name` of `model` (see `save_adapter`).
+
+    A sharded run computes this before sharding, while the base weights it hashes are whole.
+    """
+    modules = [n for n, layer in lora_layers(model).items() if name in layer.lora_A]
+    return {
         "format": FORMAT, "rank": config.rank, "alpha": config.alpha, "dropout": config.dropout,
         "targets": list(config.targets), "modules": modules,
-        "base": fingerprint(model, modules), "base_quantization": base_quantization(model),
+        "base": fingerprint(model, modules),
+        "base_quantization": base_quantization(model),
     } | (extra or {})  # fmt: skip
+
+
+def write_adapter(out: str | Path, state: dict[str, Tensor], record: dict) -> Path:
+    """Write an adapter's full tensors and its `adapter_record` to the folder `out`."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _write_atomic(out / WEIGHTS, lambda tmp: save_file(state, str(tmp), {"format": "pt"}))

@@ -6,17 +6,21 @@ scaling, its summed token loss with IGNORE_INDEX, and its metrics log. What diff
 `lmscale.train.loop` is the strategy: which parameters train (the adapter), the data (packed
 chat rows whose targets are the assistant's tokens) and what is saved (the adapter folder).
 
-NOTE: this runs on one process. Under torchrun it is refused for now rather than letting
-every rank train and write the same adapter.
+Under torchrun (`lmscale finetune lora --nproc N`) the same loop runs on every process with the
+model parallelized by `lmscale.parallel` (ddp, fsdp or hsdp: see `finetune.distributed`).
+`batch_size` stays the global number of rows per step: every rank draws the same rows in the
+same order and trains on its own slice of each batch, the loss is summed over ranks and divided
+by the global count of scored tokens, so N processes take the steps one process would.
+Only rank 0 prints, logs and writes the adapter (gathered whole from FSDP's shards).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,16 +30,28 @@ from tqdm.auto import tqdm
 from lmscale.checkpoint import load_pretrained
 from lmscale.compress.quantize import QuantConfig, quantize_
 from lmscale.errors import LmscaleError
-from lmscale.finetune.adapter import WEIGHTS, save_adapter
+from lmscale.finetune.adapter import WEIGHTS, adapter_record, write_adapter
+from lmscale.finetune.distributed import adapter_strategy, barrier, full_adapter_state
 from lmscale.finetune.lora import LoRAConfig, LoRALinear, apply_lora_
-from lmscale.finetune.sft_data import RowLoader, build_rows, read_chat_jsonl
+from lmscale.finetune.sft_data import Example, RowLoader, build_rows, read_chat_jsonl
 from lmscale.finetune.shakespeare_chat import NAME as SHAKESPEARE_SPEAKERS
 from lmscale.finetune.shakespeare_chat import speaker_conversations
+from lmscale.model import Transformer
 from lmscale.model.quantized import QuantizedLinear
+from lmscale.parallel import (
+    ParallelConfig,
+    Ranks,
+    destroy_process_group,
+    device_for,
+    init_process_group,
+    ranks_from_env,
+)
+from lmscale.parallel.grads import clip_grad_norm_
+from lmscale.parallel.parallelize import Parallel, parallelize
 from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.optim import build_optimizer, lr_at
-from lmscale.train.precision import autocast, grad_scaler, resolve_device
+from lmscale.train.precision import DTYPES, autocast, grad_scaler, resolve_device
 
 
 @dataclass
@@ -49,7 +65,7 @@ class SFTConfig:
     steps: int = 100
     """Optimizer steps."""
     batch_size: int = 4
-    """Packed rows per step."""
+    """Packed rows per step, over all processes (each data-parallel rank trains on its share)."""
     max_length: int = 512
     """Tokens per row; longer conversations are truncated."""
     packing: bool = True
@@ -74,6 +90,8 @@ class SFTConfig:
     """Seed of the adapter's initialisation, dropout and the row order."""
     log_interval: int = 10
     """Print and log the loss every this many steps."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The strategy under torchrun (ddp, fsdp or hsdp); one process ignores it."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "log_interval"):
@@ -103,9 +121,15 @@ class SFTSummary:
     """Packed training rows."""
     tokens_per_s: float
     """Median over steps, counting every (padded) input token."""
+    strategy: str = "none"
+    processes: int = 1
+    is_main: bool = True
+    """False on every rank but 0 of a distributed run, which alone reports."""
 
     def as_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        del out["is_main"]
+        return out
 
 
 def finetune_lora(
@@ -126,9 +150,42 @@ def finetune_lora(
     out = Path(out)
     if (out / WEIGHTS).exists():
         raise LmscaleError(f"{out} already holds an adapter: choose a new --out")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise LmscaleError("finetune lora runs on one process for now; start it without torchrun")
-    device = resolve_device(config.device)
+    ranks = ranks_from_env()
+    strategy = adapter_strategy(config.parallel, ranks.world_size)
+    device = device_for(ranks, resolve_device(config.device))
+    model, rows, pad_id = _adapted_model(config, lora, device)
+    record = adapter_record(  # hashes the base while it is whole (before FSDP shards it)
+        model, lora, extra={"base_model": config.model, "training": asdict(config)}
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters()) + _buffer_weights(model)
+    if strategy != "none":
+        init_process_group(ranks, device, config.parallel.backend, config.parallel.timeout_s)
+    finished = False
+    try:
+        parallel = parallelize(model, config.parallel, ranks, device, DTYPES[config.dtype])
+        torch.manual_seed(config.seed + parallel.dp_rank)  # each rank its own dropout masks
+        loader = RowLoader(
+            rows, config.batch_size, pad_id, config.seed, parallel.dp_rank, parallel.dp_size
+        )
+        losses, times = _train_logged(parallel, loader, config, ranks, out, progress)
+        state = full_adapter_state(parallel.module)  # all ranks: gathers FSDP's shards
+        if ranks.is_main:
+            write_adapter(out, state, record)
+        finished = True
+    finally:
+        _teardown(strategy, finished)
+    tokens = config.batch_size * statistics.median(len(r.inputs) for r in rows)
+    return SFTSummary(
+        out, config.steps, losses[0], losses[-1], trainable, total, len(rows),
+        tokens / statistics.median(times), strategy, ranks.world_size, ranks.is_main,
+    )  # fmt: skip
+
+
+def _adapted_model(
+    config: SFTConfig, lora: LoRAConfig, device: torch.device
+) -> tuple[Transformer, list[Example], int]:
+    """The base with its fresh adapter (the same on every rank), the packed rows, the pad id."""
     conversations = _conversations(config.data)  # a bad file fails before the model loads
     model, tokenizer = load_pretrained(config.model, device)
     rows = build_rows(tokenizer, conversations, config.max_length, config.packing)
@@ -136,21 +193,15 @@ def finetune_lora(
     if config.quantize:
         quantize_(model, QuantConfig(config.quantize, config.group_size))
     apply_lora_(model, lora)
-    loader = RowLoader(rows, config.batch_size, tokenizer.pad_id or 0, config.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out, tensorboard=False)  # the folder stays a small artifact
-    try:
-        losses, times = _train(model, loader, config, device, metrics, progress)
-    finally:
-        metrics.close()
-    save_adapter(model, out, lora, extra={"base_model": config.model, "training": asdict(config)})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters()) + _buffer_weights(model)
-    tokens = config.batch_size * statistics.median(len(r.inputs) for r in rows)
-    return SFTSummary(
-        out, config.steps, losses[0], losses[-1], trainable, total, len(rows),
-        tokens / statistics.median(times),
-    )  # fmt: skip
+    return model, rows, tokenizer.pad_id or 0
+
+
+def _teardown(strategy: str, finished: bool) -> None:
+    if strategy == "none":
+        return
+    if finished:  # rank 0 has written the adapter before any rank reports
+        barrier()
+    destroy_process_group()
 
 
 def _conversations(data: str) -> list:
@@ -159,16 +210,35 @@ def _conversations(data: str) -> list:
     return read_chat_jsonl(data)
 
 
+def _train_logged(
+    parallel: Parallel, loader: RowLoader, config: SFTConfig, ranks: Ranks, out: Path,
+    progress: bool,
+) -> tuple[list[float], list[float]]:  # fmt: skip
+    """`_train` with rank 0's metrics log in `out` (the folder stays a small artifact)."""
+    if not ranks.is_main:
+        return _train(parallel, loader, config, None, progress=False)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = MetricsLog(out, tensorboard=False)
+    try:
+        return _train(parallel, loader, config, metrics, progress)
+    finally:
+        metrics.close()
+
+
 def _train(
-    model: nn.Module, loader: RowLoader, config: SFTConfig, device: torch.device,
-    metrics: MetricsLog, progress: bool,
+    parallel: Parallel, loader: RowLoader, config: SFTConfig, metrics: MetricsLog | None,
+    progress: bool,
 ) -> tuple[list[float], list[float]]:  # fmt: skip
     """Run `config.steps` optimizer steps; returns the loss and duration of each."""
+    model = parallel.module
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay, (0.9, 0.999))
     scaler = grad_scaler(device, config.dtype)
-    # The fused loss reads `model.output.weight`: an adapted output head needs the plain path.
-    loss_fn = logits_loss_sum if isinstance(model.output, LoRALinear) else lm_loss_sum
+    # The fused loss reads `model.output.weight`, around any wrapper's hooks: an adapted
+    # output head or a parallel wrapper needs the plain path.
+    plain = isinstance(model.output, LoRALinear) or parallel.distributed
+    loss_fn = logits_loss_sum if plain else lm_loss_sum
     model.train()
     losses, times = [], []
     bar = tqdm(total=config.steps, disable=not progress, unit="step", dynamic_ncols=True)
@@ -178,18 +248,22 @@ def _train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets = (t.to(device) for t in loader.next_batch())
-        with autocast(device, config.dtype):
-            loss = loss_fn(model, inputs, targets) / count_targets(targets)
-        (scaler.scale(loss) if scaler else loss).backward()
-        _step(optimizer, params, scaler, config.grad_clip)
-        losses.append(loss.item())
+        n_targets = parallel.dp_sum(torch.tensor(float(count_targets(targets)), device=device))
+        with _precision(parallel, device, config.dtype):
+            loss_sum = loss_fn(parallel.model, inputs, targets)
+        # DDP and FSDP average gradients over the ranks; the loss is a sum over all: undo it.
+        scaled = loss_sum / n_targets * parallel.dp_size
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        _step(optimizer, params, scaler, config.grad_clip, parallel.distributed)
+        losses.append((parallel.dp_sum(loss_sum.detach()) / n_targets).item())
         times.append(time.perf_counter() - start)
         if not math.isfinite(losses[-1]):
             raise LmscaleError(f"loss is {losses[-1]} at step {step + 1}; try a lower --lr")
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if (step + 1) % config.log_interval == 0 or step + 1 in (1, config.steps):
-            metrics.log(step + 1, loss=losses[-1], lr=lr, step_time_s=times[-1])
+        if metrics and ((step + 1) % config.log_interval == 0 or step + 1 in (1, config.steps)):
+            scored = int(n_targets.item())  # assistant tokens of the step, over all ranks
+            metrics.log(step + 1, loss=losses[-1], lr=lr, targets=scored, step_time_s=times[-1])
             if progress:
                 tqdm.write(f"step {step + 1}: loss {losses[-1]:.4f}")
     bar.close()
@@ -197,11 +271,17 @@ def _train(
     return losses, times
 
 
-def _step(optimizer, params, scaler, clip: float) -> None:
+def _precision(parallel: Parallel, device: torch.device, dtype: str):
+    # FSDP's mixed-precision policy casts the parameters itself; autocast on top would be redundant.
+    return contextlib.nullcontext() if parallel.mixed_precision else autocast(device, dtype)
+
+
+def _step(optimizer, params, scaler, clip: float, distributed: bool) -> None:
     if scaler:
         scaler.unscale_(optimizer)
     if clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, clip)
+        clip_fn = clip_grad_norm_ if distributed else torch.nn.utils.clip_grad_norm_
+        clip_fn(params, clip)  # DTensor-aware under FSDP
     if scaler:
         scaler.step(optimizer)
         scaler.update()

@@ -170,25 +170,43 @@ def build_rows(
 class RowLoader:
     """Batches of rows in a seeded random order, reshuffled each pass, padded to the longest.
 
+    On several data-parallel processes each builds the same global batch of `batch_size` rows
+    (same seed, same order) and keeps only its own contiguous share, so together they train on
+    exactly the batch one process would; shares differ by at most one row when the ranks do not
+    divide the batch. Each share is padded to its own longest row: the padding's targets are
+    IGNORE_INDEX and, being at the end of a row, it is never attended to, so the loss is unchanged.
+
     Args:
         rows: the packed rows.
-        batch_size: rows per batch.
+        batch_size: rows per global batch.
         pad_id: the input id of padding (its targets are IGNORE_INDEX, so any id works).
         seed: seed of the order.
+        rank, world_size: this process's data-parallel rank and their number.
     """
 
-    def __init__(self, rows: list[Example], batch_size: int, pad_id: int = 0, seed: int = 0):
+    def __init__(
+        self, rows: list[Example], batch_size: int, pad_id: int = 0, seed: int = 0,
+        rank: int = 0, world_size: int = 1,
+    ):  # fmt: skip
+        if min(batch_size, len(rows)) < world_size:
+            raise LmscaleError(
+                f"a step of {min(batch_size, len(rows))} rows (--batch-size {batch_size}, "
+                f"{len(rows)} rows of data) cannot be shared by {world_size} processes"
+            )
         self.rows, self.batch_size, self.pad_id = rows, batch_size, pad_id
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
 
     def next_batch(self) -> tuple[Tensor, Tensor]:
-        """(inputs, targets), each (B, T) with T the longest row of the batch."""
+        """(inputs, targets) of this rank's share, each (B, T) with T its longest row."""
         picked = []
         for _ in range(min(self.batch_size, len(self.rows))):
             if not self.order:
                 self.order = torch.randperm(len(self.rows), generator=self.generator).tolist()
             picked.append(self.rows[self.order.pop()])
+        n, world = len(picked), self.world_size
+        picked = picked[n * self.rank // world : n * (self.rank + 1) // world]
         length = max(len(row.inputs) for row in picked)
         inputs = torch.full((len(picked), length), self.pad_id, dtype=torch.long)
         targets = torch.full((len(picked), length), IGNORE_INDEX, dtype=torch.long)

@@ -17,8 +17,10 @@ import sys
 from lmscale.errors import LmscaleError
 
 
-def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 0) -> list[str]:
-    """The torchrun command line running `python -m lmscale.train TRAIN_ARGS` on `nproc` processes."""
+def torchrun_command(
+    nproc: int, train_args: list[str], max_restarts: int = 0, module: str = "lmscale.train"
+) -> list[str]:
+    """The torchrun command line running `python -m MODULE TRAIN_ARGS` on `nproc` processes."""
     if nproc < 1:
         raise LmscaleError(f"--nproc must be positive, got {nproc}")
     if max_restarts < 0:
@@ -26,14 +28,16 @@ def torchrun_command(nproc: int, train_args: list[str], max_restarts: int = 0) -
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone",
         f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-        "-m", "lmscale.train", *train_args,
+        "-m", module, *train_args,
     ]  # fmt: skip
 
 
-def launch(nproc: int, train_args: list[str], max_restarts: int = 0) -> int:
-    """Run the training processes to the end; returns torchrun's exit code."""
+def launch(
+    nproc: int, train_args: list[str], max_restarts: int = 0, module: str = "lmscale.train"
+) -> int:
+    """Run the training processes (`python -m MODULE`) to the end; returns torchrun's exit code."""
     return subprocess.run(
-        torchrun_command(nproc, train_args, max_restarts), env=torchrun_env()
+        torchrun_command(nproc, train_args, max_restarts, module), env=torchrun_env()
     ).returncode
 
 
