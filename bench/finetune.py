@@ -17,7 +17,8 @@ Each runs in its own Python process (peak RSS of one configuration, not of all o
 `--threads` torch threads, `--warmup` untimed steps and `--steps` timed ones. Reported: trainable
 parameters, peak RSS growth (peak RSS while training minus RSS before loading the model, so the
 weights, gradients, optimizer state and activations are in it; the Python and torch import is
-not), tokens/s (batch x seq len / step time, median of the timed steps) and the loss of the
+not; the peak counter is reset after loading, so loading's transients are not), the RSS the
+loaded model adds before training, tokens/s (batch x seq len / step time, median of the timed steps) and the loss of the
 first and the last step (the first is the same for every configuration but QLoRA's: a fresh
 adapter changes nothing, and both sides compute the same loss). With `--rounds` > 1 the
 configurations alternate over rounds and medians are reported.
@@ -28,6 +29,7 @@ configurations alternate over rounds and medians are reported.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -122,6 +124,13 @@ def _reset_peak() -> bool:
         return False
 
 
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
 def _peak() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -138,6 +147,7 @@ def run_child(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     before = _rss()
     model, step_loss = (build_peft if args.child == "peft-lora" else build_lmscale)(args, folder)
+    _trim()  # hand freed load-time memory (e.g. the float weights quantize_ replaced) back
     load_rss = _rss() - before
     reset = _reset_peak()  # loading's transients are not training's memory
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,13 +237,14 @@ def report(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     )
     ref = "peft-lora" if "peft-lora" in results else None
     print(
-        "| config | trainable params | peak RSS growth | tokens/s | loss first -> last |"
-        + (" RSS vs PEFT | tokens/s vs PEFT |" if ref else "")
+        "| config | trainable params | RSS after load | peak RSS growth | tokens/s "
+        "| loss first -> last |" + (" RSS vs PEFT | tokens/s vs PEFT |" if ref else "")
     )
-    print("|---|---:|---:|---:|---|" + ("---:|---:|" if ref else ""))
+    print("|---|---:|---:|---:|---:|---|" + ("---:|---:|" if ref else ""))
     for name in results:
         row = (
             f"| {name} | {int(median(name, 'trainable')):,} | "
+            f"{median(name, 'load_rss') / 2**20:,.0f} MiB | "
             f"{median(name, 'peak_rss') / 2**20:,.0f} MiB | {median(name, 'tok_s'):,.0f} | "
             f"{median(name, 'first_loss'):.3f} -> {median(name, 'last_loss'):.3f} |"
         )
