@@ -845,6 +845,93 @@ def finetune_args(p: argparse.ArgumentParser) -> None:
     lora.set_defaults(accepts_overrides=True)  # --parallel.FIELD VALUE, as in `train`
     lora.epilog_factory = _parallel_help
     lora.formatter_class = argparse.RawDescriptionHelpFormatter
+    _classify_train_args(kinds)
+
+
+def _classify_train_args(kinds) -> None:
+    cls = kinds.add_parser("classify", help="train a sequence classifier on labelled text")
+    cls.set_defaults(run=finetune_classify)
+    cls.add_argument("--model", default="smollm2-135m-instruct", help="the backbone")
+    cls.add_argument(
+        "--data", required=True, help='shakespeare-genre, or JSONL of {"text", "label"} lines'
+    )
+    cls.add_argument("--out", required=True, help="classifier folder to write")
+    cls.add_argument("--train", default="full", help="full, head (linear probe) or lora")
+    cls.add_argument("--pooling", default="last", help="last or mean")
+    cls.add_argument("--rank", type=int, default=8, help="lora: adapter rank")
+    cls.add_argument("--alpha", type=float, default=16.0, help="lora: adapter alpha")
+    cls.add_argument("--targets", default="q,k,v,o", help="lora: layers to adapt")
+    for flag, kind, default in (
+        ("--steps", int, 200), ("--head-epochs", int, 100), ("--lr", float, 5e-5),
+        ("--head-lr", float, 1e-3), ("--batch-size", int, 8), ("--max-length", int, 256),
+        ("--eval-every", int, 50), ("--warmup-steps", int, 20), ("--seed", int, 0),
+        ("--max-train", int, None), ("--max-eval", int, None),
+    ):  # fmt: skip
+        cls.add_argument(flag, type=kind, default=default)
+    cls.add_argument("--dtype", default=None, help="load the backbone as float32 or bfloat16")
+    cls.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def finetune_classify(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.finetune.classify import ClassifyConfig
+    from lmscale.finetune.classify_run import finetune_classifier
+    from lmscale.finetune.lora import LoRAConfig
+
+    config = ClassifyConfig(
+        train=args.train, pooling=args.pooling, max_length=args.max_length,
+        batch_size=args.batch_size, steps=args.steps, head_epochs=args.head_epochs, lr=args.lr,
+        head_lr=args.head_lr, warmup_steps=args.warmup_steps, eval_every=args.eval_every,
+        seed=args.seed,
+    )  # fmt: skip
+    lora = LoRAConfig(args.rank, args.alpha, 0.0, args.targets) if args.train == "lora" else None
+    log = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda _: None)
+    summary = finetune_classifier(
+        args.model, args.data, args.out, config, lora, args.max_train, args.max_eval,
+        args.dtype, log,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps(summary))
+        return
+    test, base = summary["test"], summary["baseline"]
+    print(
+        f"test ({test['examples']} examples): accuracy {test['accuracy']:.3f}, macro-F1 "
+        f"{test['macro_f1']:.3f}; majority baseline: accuracy {base['accuracy']:.3f}, "
+        f"macro-F1 {base['macro_f1']:.3f}; {summary['trainable_params']:,} parameters trained "
+        f"-> {summary['out']}"
+    )
+
+
+def classify_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a classifier folder (lmscale finetune classify)")
+    p.add_argument("--text", action="append", default=None, help="a passage (repeatable)")
+    p.add_argument("--file", default=None, help='JSONL of {"text"} or {"text", "label"} lines')
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def classify(args: argparse.Namespace, _: list[str]) -> None:
+    from lmscale.finetune.classify_io import classify_texts, read_texts
+
+    if not args.text and not args.file:
+        raise LmscaleError("classify: give --text or --file")
+    texts, gold = list(args.text or []), None
+    if args.file:
+        file_texts, gold = read_texts(args.file)
+        if args.text:
+            gold = None  # --text lines carry no labels
+        texts += file_texts
+    result = classify_texts(args.model, texts, gold, args.batch_size)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for row in result["predictions"]:
+        line = " ".join(row["text"].split())
+        print(f"{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{line[:70]}")
+    if "accuracy" in result:
+        print(
+            f"accuracy {result['accuracy']:.3f}, macro-F1 {result['macro_f1']:.3f} on "
+            f"{result['examples']} examples"
+        )
 
 
 def _parallel_help() -> str:
@@ -914,7 +1001,8 @@ VERBS: dict[str, Verb] = {
     "distill": (distill_args, distill, "train a student from a teacher (KL on soft logits + CE)"),
     "compress-report": (report_args, compress_report, "size, quality, speed of variants"),
     "serve": (serve_args, serve, "serve a model over an OpenAI-compatible HTTP API"),
-    "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters on chat data"),
+    "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters, classifiers"),
+    "classify": (classify_args, classify, "label passages with a trained classifier"),
     "merge": (merge_args, merge, "fold a LoRA adapter into its base model, save a model folder"),
 }
 

@@ -172,6 +172,19 @@ def metrics(predicted: Sequence[int], actual: Sequence[int]) -> Metrics:
     return Metrics(accuracy, sum(f1s) / len(f1s), len(pairs))
 
 
+def per_label_f1(
+    predicted: Sequence[int], actual: Sequence[int], label_names: Sequence[str]
+) -> dict[str, float]:
+    """Each label's F1 (the labels present in `actual`, by name): what macro-F1 averages."""
+    pairs = list(zip(predicted, actual, strict=True))
+    out = {}
+    for label in sorted(set(actual)):
+        tp = sum(p == label and a == label for p, a in pairs)
+        wrong = sum((p == label) != (a == label) for p, a in pairs)
+        out[label_names[label]] = 2 * tp / (2 * tp + wrong)
+    return out
+
+
 def majority_baseline(train_labels: Sequence[int], actual: Sequence[int]) -> Metrics:
     """The score of always predicting the label most common in training."""
     majority = Counter(train_labels).most_common(1)[0][0]
@@ -188,6 +201,16 @@ def predict(model: SequenceClassifier, data: Encoded, batch_size: int, pad_id: i
         out += model(tokens, lengths).argmax(-1).tolist()
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def probabilities(model: SequenceClassifier, data: Encoded, batch_size: int, pad_id: int) -> Tensor:
+    """(N, labels) float32 softmax probabilities of every passage."""
+    was_training = model.training
+    model.eval()
+    rows = [model(t, n).float().softmax(-1) for t, n, _ in batches(data, batch_size, pad_id)]
+    model.train(was_training)
+    return torch.cat(rows)
 
 
 Log = Callable[[str], None]
