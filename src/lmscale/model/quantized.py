@@ -90,6 +90,26 @@ def pack_zeros(zeros: Tensor) -> Tensor:
     return pack_int4(zeros)
 
 
+class _RecomputedMatmul(torch.autograd.Function):
+    """y = layer(x) with a gradient for x only, the float weight dequantized again in backward.
+
+    Autograd would otherwise keep each frozen layer's dequantized float weight from forward to
+    backward, which gives back all the memory the integers saved (QLoRA). The layer's weights
+    and bias are frozen: no gradient for them.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:
+        ctx.layer = layer
+        with torch.no_grad():
+            return layer.reference(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor, None]:
+        weight = ctx.layer.dequantize(grad_y.dtype)  # (out, in), rebuilt, dropped after use
+        return grad_y @ weight, None
+
+
 class QuantizedLinear(nn.Module):
     """y = x W^T + b with W held as integers and scales (see the module docstring's layouts).
 
@@ -197,6 +217,8 @@ class QuantizedLinear(nn.Module):
         # NOTE: the kernels have no backward; when a gradient must flow through to the input
         # (QLoRA: adapters in earlier layers), the differentiable reference matmul runs instead.
         needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if needs_grad and (self.bias is None or not self.bias.requires_grad):
+            return _RecomputedMatmul.apply(x, self)
         if not use_kernels or needs_grad or x.device.type != "cpu" or x.dtype not in _FLOATS:
             return self.reference(x)
         shape = x.shape
