@@ -36,7 +36,7 @@ def quantized_layer(
     linear = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight[3] = 0.0  # a zero row: scale at its floor, codes all at the zero point
-        linear.weight[5] += 0.5  # a row of one sign: the float minimum is not 0
+        linear.weight[5] = linear.weight[5].abs() + 0.01  # one sign: the float minimum is not 0
     model = nn.Sequential(linear)
     config = QuantConfig(method, group_size, zero_point=zero_point)
     quantize_(model, config, filter_fn=lambda module, fqn: True)
@@ -170,9 +170,7 @@ def test_quantized_embeddings_share_one_table_with_the_head_and_load_back(
         assert torch.equal(loaded.state_dict()[name], tensor), name  # bit-equal
 
 
-def test_int4_float_zero_point_bytes_are_half_a_byte_plus_two_float16_per_group(
-    tiny_dir, tmp_path
-):
+def test_int4_float_zero_point_bytes_are_half_a_byte_plus_two_float16_per_group(tiny_dir, tmp_path):
     model, tokenizer = load_pretrained(tiny_dir)
     quantize_(model, QuantConfig("int4", 32, zero_point="float"))
     out = save_quantized(model, tokenizer, tmp_path / "q")
