@@ -253,3 +253,16 @@ def test_the_decode_layout_leaves_quantized_layers_alone(tiny_dir):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]) and tensor.is_contiguous(), name
     assert torch.equal(model(tokens), logits)
+
+
+def test_a_folder_saved_before_zero_points_were_recorded_loads_as_int(tiny_dir, tmp_path):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, embeddings="int4"))
+    out = save_quantized(model, tokenizer, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization"]["zero_point"], config["quantization"]["embeddings"]["zero_point"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_pretrained(out)
+    assert quantization_of(loaded) == quantization_of(model)
+    tokens = torch.tensor([tokenizer.encode("to be or not")])
+    assert torch.equal(loaded(tokens), model(tokens))
