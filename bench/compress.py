@@ -46,7 +46,12 @@ VARIANTS: dict[str, QuantConfig | str] = {
     "int4 g32": QuantConfig("int4", 32),
     "int4 g32 +emb int8": QuantConfig("int4", 32, embeddings="int8"),
     "int4 g32 +emb int4": QuantConfig("int4", 32, embeddings="int4"),
+    "int4 g32 fz +emb int8": QuantConfig("int4", 32, embeddings="int8", zero_point="float"),
+    "int4 g32 fz +emb int4": QuantConfig("int4", 32, embeddings="int4", zero_point="float"),
+    "int4 g64 fz +emb int8": QuantConfig("int4", 64, embeddings="int8", zero_point="float"),
+    "int4 g64 +emb int8": QuantConfig("int4", 64, embeddings="int8"),
 }
+"""fz: float zero point (a float16 group minimum, llama.cpp's Q4_1), `--zero-point float`."""
 
 Runner = Callable[[list[int], int], list[int]]
 

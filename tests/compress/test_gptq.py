@@ -15,6 +15,7 @@ from lmscale.compress.gptq import (
     calibration_windows,
     gptq_quantize_,
     gptq_weight,
+    int4_float_grid,
 )
 from lmscale.compress.quantize import quantize_int4
 from lmscale.config import to_dict
@@ -36,12 +37,29 @@ def correlated_layer(seed=0, tokens=2048, in_features=256, out_features=64):
     return w, x
 
 
-def rtn_weight(w, group_size):
+def rtn_weight(w, group_size, zero_point="int"):
     linear = nn.Sequential(nn.Linear(w.shape[1], w.shape[0], bias=False))
     with torch.no_grad():
         linear[0].weight.copy_(w)
-    quantize_(linear, QuantConfig("int4", group_size), filter_fn=lambda m, n: True)
+    config = QuantConfig("int4", group_size, zero_point=zero_point)
+    quantize_(linear, config, filter_fn=lambda m, n: True)
     return linear[0].dequantize(torch.float32)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_on_the_float_zero_grid_beats_float_zero_rtn(act_order):
+    w, x = correlated_layer()
+    hessian = 2 * x.T @ x / len(x)
+    codes, scales, zeros = gptq_weight(w, hessian, 32, act_order, grid=int4_float_grid)
+    assert bool((zeros != zeros.round()).any())  # real zero points: -min / scale
+    module = _int4_module(codes, scales, zeros, nn.Linear(256, 64, bias=False), 32, "float")
+    assert module.zero_point == "float" and module.mins.dtype == torch.float16
+    dequantized = module.dequantize(torch.float32)
+    expected = (codes.float().view(64, -1, 32) - zeros[..., None]) * scales[..., None]
+    torch.testing.assert_close(dequantized, expected.view(64, 256), rtol=1e-3, atol=1e-5)
+    gptq_error = (x @ (w - dequantized).T).norm()
+    rtn_error = (x @ (w - rtn_weight(w, 32, "float")).T).norm()
+    assert gptq_error < 0.9 * rtn_error
 
 
 @pytest.mark.parametrize("group_size", [32, 128])
@@ -113,25 +131,29 @@ def test_a_gptq_model_is_closer_to_float_than_rtn_on_its_calibration(
     assert (gptq(windows) - reference).norm() < (rtn(windows) - reference).norm()
 
 
+@pytest.mark.parametrize("zero_point", ["int", "float"])
 def test_cli_gptq_writes_a_folder_that_loads_bit_equal(
-    float_dir, tokenizer, calibration_file, tmp_path, capsys
+    float_dir, tokenizer, calibration_file, tmp_path, capsys, zero_point
 ):
     out = tmp_path / "q4"
     argv = ["quantize", "--model", str(float_dir), "--method", "int4", "--calibrate", "gptq",
             "--calibration", str(calibration_file), "--calibration-samples", "6",
             "--calibration-length", "48", "--act-order", "--embeddings", "float",
-            "--out", str(out), "--json"]  # fmt: skip
+            "--zero-point", zero_point, "--out", str(out), "--json"]  # fmt: skip
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["modules"] == 14 and result["calibration"]["method"] == "gptq"
     saved = json.loads((out / "config.json").read_text())["quantization"]
     assert saved["method"] == "int4" and saved["group_size"] == 32
+    assert saved["zero_point"] == zero_point
     assert saved["calibration"] == GptqConfig(6, 48, str(calibration_file), True).as_dict()
     loaded, _ = load_pretrained(out)
     assert isinstance(loaded.layers[1].feed_forward.w2, QuantizedLinear)
     model, _ = load_pretrained(float_dir)
     windows = calibration_windows(tokenizer, calibration_file, 6, 48)
-    gptq_quantize_(model, QuantConfig("int4", 32), windows, GptqConfig(act_order=True))
+    config = QuantConfig("int4", 32, zero_point=zero_point)
+    gptq_quantize_(model, config, windows, GptqConfig(act_order=True))
+    assert model.layers[0].attention.wq.zero_point == zero_point
     tokens = torch.tensor([tokenizer.encode("to be or not to be")])
     assert torch.equal(loaded(tokens), model(tokens))  # the integers survive the folder exactly
     for name, tensor in model.state_dict().items():

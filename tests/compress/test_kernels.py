@@ -2,6 +2,7 @@
 the quantized embedding (lookup, tied head, save -> load)."""
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -23,16 +24,22 @@ from lmscale.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 LAYOUTS = [("int8", None), ("int8-dynamic", None), ("int4", 32), ("int4", 64), ("int4", 128)]
+FLOAT_ZERO = [("int4", 32, "float"), ("int4", 64, "float"), ("int4", 128, "float")]
+"""int4 with a float group minimum (Q4_1) instead of an integer zero point."""
 
 
-def quantized_layer(method, group_size, out_features=40, in_features=256, bias=True, seed=0):
+def quantized_layer(
+    method, group_size, out_features=40, in_features=256, bias=True, seed=0, zero_point="int"
+):
     """A random layer quantized with `quantize_` (40 outputs: the int4 kernel pads to 48)."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
     with torch.no_grad():
         linear.weight[3] = 0.0  # a zero row: scale at its floor, codes all at the zero point
+        linear.weight[5] = linear.weight[5].abs() + 0.01  # one sign: the float minimum is not 0
     model = nn.Sequential(linear)
-    quantize_(model, QuantConfig(method, group_size), filter_fn=lambda module, fqn: True)
+    config = QuantConfig(method, group_size, zero_point=zero_point)
+    quantize_(model, config, filter_fn=lambda module, fqn: True)
     return model[0]
 
 
@@ -42,11 +49,13 @@ def quantized_layer(method, group_size, out_features=40, in_features=256, bias=T
 TOLERANCE = {"int8": 0.01, "int8-dynamic": 0.03, "int4": 0.01}
 
 
-@pytest.mark.parametrize("method, group_size", LAYOUTS)
+@pytest.mark.parametrize(
+    "method, group_size, zero_point", [(*layout, "int") for layout in LAYOUTS] + FLOAT_ZERO
+)
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 7, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_kernel_equals_the_dequantized_reference(method, group_size, shape, dtype):
-    layer = quantized_layer(method, group_size).to(dtype)
+def test_the_kernel_equals_the_dequantized_reference(method, group_size, zero_point, shape, dtype):
+    layer = quantized_layer(method, group_size, zero_point=zero_point).to(dtype)
     x = torch.randn(shape).to(dtype)
     y = layer(x)
     expected = nn.functional.linear(
@@ -71,20 +80,30 @@ def test_the_kernel_follows_the_layer_to_another_dtype_and_new_buffers():
     assert not torch.equal(layer(x), before)
 
 
-@pytest.mark.parametrize("method, group_size", LAYOUTS)
-def test_codes_dequantize_and_rebuild_the_layer(method, group_size):
-    layer = quantized_layer(method, group_size)
+@pytest.mark.parametrize(
+    "method, group_size, zero_point", [(*layout, "int") for layout in LAYOUTS] + FLOAT_ZERO
+)
+def test_codes_dequantize_and_rebuild_the_layer(method, group_size, zero_point):
+    layer = quantized_layer(method, group_size, zero_point=zero_point)
     q, scales, zeros = layer.codes()
     assert q.shape == (40, 256) and scales.dtype == torch.float32
     if method == "int4":
         assert q.dtype == torch.uint8 and int(q.max()) <= 15
         assert zeros.shape == scales.shape == (40, 256 // group_size)
         per_column = (q.float().view(40, -1, group_size) - zeros[..., None]) * scales[..., None]
-        torch.testing.assert_close(per_column.view(40, 256), layer.dequantize(), rtol=0, atol=0)
+        # a float zero point is -min / scale: (q - zero) * scale equals q * scale + min only
+        # up to float32 rounding
+        exact = 0 if zero_point == "int" else 1e-6
+        torch.testing.assert_close(
+            per_column.view(40, 256), layer.dequantize(), rtol=exact, atol=exact
+        )  # fmt: skip
+        assert (zero_point == "float") == bool((zeros != zeros.round()).any())
     else:
         assert q.dtype == torch.int8 and zeros is None and scales.shape == (40,)
         torch.testing.assert_close(q.float() * scales[:, None], layer.dequantize(), rtol=0, atol=0)
-    rebuilt = QuantizedLinear.from_codes(q, scales, zeros, method, group_size, layer.bias)
+    rebuilt = QuantizedLinear.from_codes(
+        q, scales, zeros, method, group_size, layer.bias, zero_point
+    )  # fmt: skip
     for name, tensor in layer.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[name], tensor), name
     x = torch.randn(3, 256)
@@ -112,20 +131,25 @@ def tiny_dir(tmp_path_factory):
     return save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
 
 
-@pytest.mark.parametrize("method, embeddings", [("int8", "int8"), ("int4", "int4"),
-                                                ("int4", "int8")])  # fmt: skip
+@pytest.mark.parametrize("method, embeddings, zero_point", [
+    ("int8", "int8", "int"), ("int4", "int4", "int"), ("int4", "int8", "int"),
+    ("int4", "int4", "float"), ("int8", "int4", "float"),
+])  # fmt: skip
 def test_quantized_embeddings_share_one_table_with_the_head_and_load_back(
-    tiny_dir, tmp_path, method, embeddings
+    tiny_dir, tmp_path, method, embeddings, zero_point
 ):
     model, tokenizer = load_pretrained(tiny_dir)
     table = model.tok_embeddings.weight.detach().clone()
-    quantize_(model, QuantConfig(method, embeddings=embeddings))
+    quantize_(model, QuantConfig(method, embeddings=embeddings, zero_point=zero_point))
     embedding = model.tok_embeddings
     assert isinstance(embedding, QuantizedEmbedding) and model.output is embedding.table
     assert embedding.weight.dtype == torch.float32 and embedding.weight.numel() == 0
     record = quantization_of(model)
+    table_zero = zero_point if embeddings == "int4" else "int"
     assert record["embeddings"] == {"method": embeddings, "group_size": 32 if embeddings ==
-                                    "int4" else None, "tied": True}  # fmt: skip
+                                    "int4" else None, "tied": True,
+                                    "zero_point": table_zero}  # fmt: skip
+    assert record["zero_point"] == (zero_point if method == "int4" else "int")
     tokens = torch.tensor([tokenizer.encode("to be or not to be")])
     rows = embedding(tokens)  # the lookup dequantizes just these rows
     torch.testing.assert_close(rows[0], embedding.dequantize()[tokens[0]], rtol=0, atol=0)
@@ -135,11 +159,30 @@ def test_quantized_embeddings_share_one_table_with_the_head_and_load_back(
     with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
         keys = set(handle.keys())
         assert handle.get_tensor("tok_embeddings.table.scales").dtype == torch.float16
+        if table_zero == "float":
+            assert handle.get_tensor("tok_embeddings.table.mins").dtype == torch.float16
     assert "tok_embeddings.weight" not in keys and "output.qweight" not in keys  # stored once
     loaded, _ = load_pretrained(out)
     assert loaded.output is loaded.tok_embeddings.table
     assert quantization_of(loaded) == record
     assert torch.equal(loaded(tokens), model(tokens))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor), name  # bit-equal
+
+
+def test_int4_float_zero_point_bytes_are_half_a_byte_plus_two_float16_per_group(tiny_dir, tmp_path):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, zero_point="float"))
+    out = save_quantized(model, tokenizer, tmp_path / "q")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as handle:
+        keys = set(handle.keys())
+        layer = {k: handle.get_tensor(f"layers.0.attention.wq.{k}") for k in ("qweight", "scales",
+                                                                           "mins")}  # fmt: skip
+    assert "layers.0.attention.wq.zeros" not in keys and layer["mins"].dtype == torch.float16
+    out_f, in_f = model.layers[0].attention.wq.out_features, 64
+    assert sum(t.nbytes for t in layer.values()) == out_f * in_f * (0.5 + 2 / 32 + 2 / 32)
+    config = json.loads((out / "config.json").read_text())["quantization"]
+    assert config["zero_point"] == "float" and config["method"] == "int4"
 
 
 def test_int4_bytes_are_half_a_byte_plus_float16_scale_and_packed_zero_per_group(
@@ -173,6 +216,13 @@ def test_cli_quantizes_embeddings_and_eval_and_generate_run_the_folder(tiny_dir,
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
     assert "unknown --embeddings 'int2' (choose from float, int8, int4)" in bad.stderr
     assert not out.exists()
+    bad = lmscale("quantize", "--model", tiny_dir, "--method", "int4", "--zero-point", "half",
+                  "--out", out)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1
+    assert "unknown --zero-point 'half' (choose from int, float)" in bad.stderr
+    bad = lmscale("quantize", "--model", tiny_dir, "--method", "int8", "--zero-point", "float",
+                  "--out", out)  # fmt: skip
+    assert bad.returncode == 2 and "applies to int4 only" in bad.stderr and not out.exists()
     done = lmscale("quantize", "--model", tiny_dir, "--method", "int4", "--out", out)
     assert done.returncode == 0, done.stderr
     assert "int8 embeddings" in done.stdout  # the default
@@ -203,3 +253,16 @@ def test_the_decode_layout_leaves_quantized_layers_alone(tiny_dir):
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]) and tensor.is_contiguous(), name
     assert torch.equal(model(tokens), logits)
+
+
+def test_a_folder_saved_before_zero_points_were_recorded_loads_as_int(tiny_dir, tmp_path):
+    model, tokenizer = load_pretrained(tiny_dir)
+    quantize_(model, QuantConfig("int4", 32, embeddings="int4"))
+    out = save_quantized(model, tokenizer, tmp_path / "q")
+    config = json.loads((out / "config.json").read_text())
+    del config["quantization"]["zero_point"], config["quantization"]["embeddings"]["zero_point"]
+    (out / "config.json").write_text(json.dumps(config))
+    loaded, _ = load_pretrained(out)
+    assert quantization_of(loaded) == quantization_of(model)
+    tokens = torch.tensor([tokenizer.encode("to be or not")])
+    assert torch.equal(loaded(tokens), model(tokens))

@@ -137,6 +137,20 @@ def test_nbits_layout_dequantizes_to_the_layer_weight(method):
     assert torch.equal(weight, layer.dequantize(torch.float32))
 
 
+def test_nbits_layout_of_a_float_zero_point_is_float_zero_points():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny")).eval()
+    quantize_(model, QuantConfig("int4", 64, zero_point="float"))
+    layer = model.layers[0].feed_forward.w2
+    t = nbits_tensors(layer)
+    assert t["zero_points"].dtype == torch.float32 and t["block_size"] == 64
+    assert t["zero_points"].shape == (layer.out_features * layer.in_features // 64,)
+    weight = dequantize_nbits(t["packed"], t["scales"], t["zero_points"], t["K"], t["N"],
+                              t["bits"], t["block_size"])  # fmt: skip
+    # (q - (-min / s)) * s against q * s + min: float32 rounding only
+    torch.testing.assert_close(weight, layer.dequantize(torch.float32), rtol=1e-5, atol=1e-6)
+
+
 def check_integers_kept(model, out, bits: int):
     graph = onnx.load(str(out / "model.onnx")).graph
     nodes = [n for n in graph.node if n.op_type == "MatMulNBits"]
@@ -238,16 +252,22 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tmp_path):
         export_onnx(tiny_model("tiny"), None, tmp_path / "o")
 
 
-def test_quantized_embeddings_export_with_the_tied_head_kept_as_integers(tmp_path):
+@pytest.mark.parametrize("zero_point", ["int", "float"])
+def test_quantized_embeddings_export_with_the_tied_head_kept_as_integers(tmp_path, zero_point):
     """int4 blocks + an int4 embedding table tied to the head (what `quantize --embeddings int4`
-    writes): the lookup exports as a float table, the head as MatMulNBits; logits match."""
+    writes): the lookup exports as a float table, the head as MatMulNBits; logits match. With
+    `--zero-point float` the zero points are float32 (-min / scale), one per block."""
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()
-    quantize_(model, QuantConfig("int4", 32, embeddings="int4"))
+    quantize_(model, QuantConfig("int4", 32, embeddings="int4", zero_point=zero_point))
     out = export_onnx(model, None, tmp_path / "m")
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert len(nbits) == 7 * model.config.n_layers + 1  # every block linear and the head
+    inits = {i.name: i for i in graph.initializer}
+    zero_types = {inits[n.input[3]].data_type for n in nbits}
+    T = onnx.TensorProto
+    assert zero_types == {T.FLOAT if zero_point == "float" else T.UINT8}
     ids = torch.randint(
         0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3)
     )

@@ -96,7 +96,8 @@ def empty_model(config: ModelConfig, quantization: dict | None = None) -> Transf
         model = Transformer(config)
         if quantization is not None:
             method, group_size = quantization["method"], quantization["group_size"]
-            swap_in_quantized_(model, quantization["modules"], method, group_size)
+            zero_point = quantization.get("zero_point") or "int"
+            swap_in_quantized_(model, quantization["modules"], method, group_size, zero_point)
             embeddings = quantization.get("embeddings")
             if embeddings is not None:
                 _swap_in_embedding(model, embeddings)
@@ -106,12 +107,13 @@ def empty_model(config: ModelConfig, quantization: dict | None = None) -> Transf
 def _swap_in_embedding(model: Transformer, embeddings: dict) -> None:
     """The quantized token table (and head: the same module when tied, else its own layer)."""
     method, group_size = embeddings["method"], embeddings["group_size"]
+    zero_point = embeddings.get("zero_point") or "int"  # absent: saved before float zero points
     tied = bool(embeddings["tied"])
     if tied != model.config.tie_embeddings:
         raise LmscaleError("the quantized embedding's 'tied' does not match the model config")
-    swap_in_embedding_(model, method, group_size, tied)
+    swap_in_embedding_(model, method, group_size, tied, zero_point)
     if not tied:
-        swap_in_quantized_(model, ["output"], method, group_size)
+        swap_in_quantized_(model, ["output"], method, group_size, zero_point)
 
 
 @contextmanager
@@ -147,7 +149,8 @@ def _model_config(checkpoint: Checkpoint) -> ModelConfig:
 
 
 def _quantization(checkpoint: Checkpoint) -> dict | None:
-    """config.json's "quantization" section ({"method", "group_size", "modules", "embeddings"})."""
+    """config.json's "quantization" section ({"method", "group_size", "zero_point", "modules",
+    "embeddings"}); a section without "zero_point" (saved before it existed) means "int"."""
     section = checkpoint.config.get("quantization")
     if section is None:
         return None
@@ -166,7 +169,8 @@ def _quantization(checkpoint: Checkpoint) -> dict | None:
             "'embeddings' must be null or {'method', 'group_size', 'tied'}"
         )
     return {"method": section.get("method"), "group_size": section.get("group_size"),
-            "modules": names, "embeddings": embeddings}  # fmt: skip
+            "zero_point": section.get("zero_point") or "int", "modules": names,
+            "embeddings": embeddings}  # fmt: skip
 
 
 def check_state(expected: dict[str, Tensor], state: dict[str, Tensor], source: str) -> None:

@@ -497,6 +497,11 @@ def quantize_args(p: argparse.ArgumentParser) -> None:
         f"{DEFAULT_EMBEDDINGS['int8']} for int8 methods, {DEFAULT_EMBEDDINGS['int4']} for int4)",
     )  # fmt: skip
     p.add_argument(
+        "--zero-point", default="int",
+        help="int4: int (an integer zero point per group, default) or float (a float16 group "
+        "minimum, llama.cpp's Q4_1: w = q * scale + min)",
+    )  # fmt: skip
+    p.add_argument(
         "--calibrate", default=None,
         help="gptq: choose the int4 integers on calibration text (default: round to nearest)",
     )  # fmt: skip
@@ -537,7 +542,7 @@ def quantize(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.compress.gptq import GptqConfig, check_calibrate
 
     embeddings = args.embeddings or DEFAULT_EMBEDDINGS.get(args.method, "float")
-    config = QuantConfig(args.method, args.group_size, embeddings)
+    config = QuantConfig(args.method, args.group_size, embeddings, args.zero_point)
     gptq = None
     if args.calibrate is None:
         if args.calibration is not None or args.act_order:
@@ -553,6 +558,7 @@ def quantize(args: argparse.Namespace, _: list[str]) -> None:
         print(json.dumps(result.as_dict()))
         return
     group = f" (group size {result.group_size})" if result.group_size else ""
+    group += ", float zero point" if args.zero_point == "float" else ""
     group += ", GPTQ" if result.calibration else ""
     print(
         f"{result.method}{group}: {result.modules} linear layers quantized, "

@@ -14,8 +14,9 @@ layer is ||X W^T - X Wq^T||^2, whose Hessian in each row of W is H = 2 X^T X:
 
 "Lazy batches" apply the update inside a block of 128 columns at once and to the columns after
 it with one matmul. Int4 groups: the scale and zero point of a group are fixed from the
-(already updated) weights when its first column is reached, on the same grid as
-`lmscale.compress.quantize.quantize_int4`, so the result is a plain `QuantizedLinear`.
+(already updated) weights when its first column is reached, on the same grid as RTN's
+(`quantize_int4`, or `quantize_int4_float` for `zero_point="float"`: `grid_for`), so the
+result is a plain `QuantizedLinear`.
 
 Act-order (`act_order`): columns are visited by decreasing diag(H) (the inputs with the most
 energy first). The group grids are then fixed up front from the original weights ("static
@@ -34,7 +35,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lmscale.compress.quantize import QuantConfig, describe, quantization_of, quantize_int4
+from lmscale.compress.quantize import (
+    QuantConfig,
+    describe,
+    quantization_of,
+    quantize_int4,
+    quantize_int4_float,
+)
 from lmscale.data import iter_documents
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
@@ -91,6 +98,20 @@ def int4_grid(w: Tensor) -> tuple[Tensor, Tensor]:
     return scales[:, 0], zeros[:, 0].float()
 
 
+def int4_float_grid(w: Tensor) -> tuple[Tensor, Tensor]:
+    """The float-minimum (Q4_1) grid of a (out, g) group, as `quantize_int4_float` picks it.
+
+    The zero point is -min / scale, a real number: w ~ (q - zero) * scale = q * scale + min.
+    """
+    _, scales, mins = quantize_int4_float(w, w.shape[1])
+    return scales[:, 0], -mins[:, 0] / scales[:, 0]
+
+
+def grid_for(config: QuantConfig) -> Grid:
+    """The RTN grid GPTQ rounds on for this config's zero point."""
+    return int4_float_grid if config.layer_zero_point == "float" else int4_grid
+
+
 @torch.no_grad()
 def gptq_weight(
     weight: Tensor, hessian: Tensor, group_size: int, act_order: bool = False,
@@ -145,11 +166,14 @@ def gptq_weight(
 
 
 def _int4_module(
-    codes: Tensor, scales: Tensor, zeros: Tensor, linear: nn.Linear, group_size: int
-) -> QuantizedLinear:
-    """The `QuantizedLinear` holding GPTQ's integers, scales stored in float16 as RTN's are."""
+    codes: Tensor, scales: Tensor, zeros: Tensor, linear: nn.Linear, group_size: int,
+    zero_point: str = "int",
+) -> QuantizedLinear:  # fmt: skip
+    """The `QuantizedLinear` holding GPTQ's integers, scales (and mins) in float16 as RTN's."""
     bias = None if linear.bias is None else linear.bias.detach().clone()
-    module = QuantizedLinear.from_codes(codes, scales.half(), zeros, "int4", group_size, bias)
+    module = QuantizedLinear.from_codes(
+        codes, scales.half(), zeros, "int4", group_size, bias, zero_point
+    )
     return module.to(linear.weight.device)
 
 
@@ -180,7 +204,7 @@ def _block_inputs(model: Transformer, calibration: Tensor, batch_size: int) -> l
 @torch.no_grad()
 def gptq_quantize_(
     model: Transformer, config: QuantConfig, calibration: Tensor, gptq: GptqConfig | None = None,
-    batch_size: int = 8, grid: Grid = int4_grid,
+    batch_size: int = 8, grid: Grid | None = None,
 ) -> list[str]:  # fmt: skip
     """Replace every block linear of `model` by an int4 `QuantizedLinear` chosen by GPTQ.
 
@@ -190,12 +214,13 @@ def gptq_quantize_(
         calibration: (B, T) token ids.
         gptq: the algorithm's knobs (its sampling fields are not used here).
         batch_size: calibration rows per forward pass.
-        grid: the group grid (`int4_grid`; experiments may pass another).
+        grid: the group grid (default `grid_for(config)`; experiments may pass another).
 
     Returns:
         The fully-qualified names of the replaced modules, in model order.
     """
     gptq = gptq or GptqConfig()
+    grid = grid or grid_for(config)
     if config.method != "int4":
         raise LmscaleError(f"GPTQ calibration is implemented for int4 only, not {config.method}")
     already = quantization_of(model)
@@ -220,7 +245,10 @@ def gptq_quantize_(
                 linear.weight, hessians[name], config.group_size, gptq.act_order,
                 gptq.percdamp, gptq.block_size, grid,
             )  # fmt: skip
-            layer.set_submodule(name, _int4_module(codes, scales, zeros, linear, config.group_size))
+            module = _int4_module(
+                codes, scales, zeros, linear, config.group_size, config.layer_zero_point
+            )
+            layer.set_submodule(name, module)
             names.append(f"layers.{i}.{name}")
         inputs = [(layer(*args), *args[1:]) for args in inputs]  # through the quantized block
     return names

@@ -7,8 +7,16 @@ Round-to-nearest (RTN), no calibration data:
           lo = min(w_grp, 0), hi = max(w_grp, 0), s = (hi - lo) / 15,
           z = round(-lo / s) in 0..15,  q = clamp(round(w / s) + z, 0, 15)
 
+    int4, zero_point="float" (llama.cpp's Q4_1): the group's own range, a float minimum:
+          m = min(w_grp) (float16, rounded down), s = (max(w_grp) - m) / 15,
+          q = clamp(round((w - m) / s), 0, 15),  w ~ q * s + m
+
 Either way |w - dequantized w| <= s / 2 for every element: the grid covers the whole range, and
 an integer zero point only shifts it by under half a step, which the clamp then absorbs.
+
+The float minimum needs no 0.0 on the grid and no shift, so its step is never wider (a group
+all of one sign gets the full 16 levels), and a weight that already lies on a Q4_1 grid (as
+SmolLM2's bundled weights do: a dequantized GGUF Q4_1) is reproduced exactly.
 
 Scales are rounded to float16 (the on-disk dtype) before the integers are chosen, so the bound
 holds for the stored scale and a saved model computes exactly what the in-memory one does.
@@ -37,6 +45,7 @@ from torch import Tensor, nn
 from lmscale.errors import LmscaleError
 from lmscale.model.quantized import (
     EMBEDDING_METHODS,
+    ZERO_POINTS,
     QuantizedEmbedding,
     QuantizedLinear,
     check_layout,
@@ -59,11 +68,18 @@ class QuantConfig:
     embeddings: str = "float"
     """The token embedding (and a tied or untied output head): float, int8 or int4 (int4 uses
     `group_size`, or 32 when the method is not int4)."""
+    zero_point: str = "int"
+    """int4 (layers and an int4 embedding): "int", an integer zero point in 0..15, or "float",
+    a float16 group minimum (llama.cpp's Q4_1)."""
 
     def __post_init__(self) -> None:
         if self.method == "int4" and self.group_size is None:
             self.group_size = 32
-        check_layout(self.method, self.group_size)
+        if self.zero_point not in ZERO_POINTS:
+            raise LmscaleError(f"unknown --zero-point '{self.zero_point}' (choose from int, float)")
+        if self.zero_point == "float" and "int4" not in (self.method, self.embeddings):
+            raise LmscaleError("--zero-point float applies to int4 only (int8 is symmetric)")
+        check_layout(self.method, self.group_size, zero_point=self.layer_zero_point)
         if self.embeddings != "float" and self.embeddings not in EMBEDDING_METHODS:
             raise LmscaleError(
                 f"unknown --embeddings '{self.embeddings}' (choose from float, int8, int4)"
@@ -75,9 +91,18 @@ class QuantConfig:
             return None
         return self.group_size if self.method == "int4" else 32
 
+    @property
+    def layer_zero_point(self) -> str:
+        """The block layers' zero point: "int" unless they are int4 with a float one."""
+        return self.zero_point if self.method == "int4" else "int"
+
+    @property
+    def embedding_zero_point(self) -> str:
+        return self.zero_point if self.embeddings == "int4" else "int"
+
     def as_dict(self) -> dict:
         return {"method": self.method, "group_size": self.group_size,
-                "embeddings": self.embeddings}  # fmt: skip
+                "embeddings": self.embeddings, "zero_point": self.zero_point}  # fmt: skip
 
 
 def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -110,6 +135,39 @@ def quantize_int4(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tens
     return packed, scales, zeros.to(torch.uint8)
 
 
+def quantize_int4_float(weight: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Group-wise int4 of a (out, in) weight with a float minimum (Q4_1), packed two per byte.
+
+    The minimum is rounded DOWN to float16 (a float16 minimum, as Q4_1's, stays itself) and the
+    scale to the NEAREST float16, so a weight already on a Q4_1 grid gets its own d and m back;
+    the scale goes up one float16 step only where nearest would leave the top of the range more
+    than half a step off the grid (tiny, subnormal scales).
+
+    Returns:
+        (qweight uint8 (out, in/2), scales float32 (out, in/g), mins float32 (out, in/g)),
+        w ~ q * scales + mins; both float32 tensors hold float16 values.
+    """
+    out_features, in_features = weight.shape
+    w = weight.detach().float().view(out_features, in_features // group_size, group_size)
+    mins = _float16_down(w.amin(dim=-1))  # (out, ng)
+    top = w.amax(dim=-1)
+    span = top - mins
+    scales = (span / 15).clamp(min=2**-24, max=65504).half().float()
+    short = mins + 15.5 * scales < top  # nearest rounding left the top uncovered
+    scales = torch.where(short, as_float16(span / 15), scales)
+    q = torch.round((w - mins[..., None]) / scales[..., None]).clamp(0, 15)
+    packed = pack_int4(q.view(out_features, in_features).to(torch.uint8))
+    return packed, scales, mins
+
+
+def _float16_down(values: Tensor) -> Tensor:
+    """The largest float16 <= each value, in float32 (clamped to float16's range)."""
+    values = values.clamp(min=-65504, max=65504)
+    half = values.half()
+    down = torch.nextafter(half, torch.tensor(float("-inf"), dtype=torch.float16))
+    return torch.where(half.float() > values, down, half).float()
+
+
 def as_float16(scales: Tensor) -> Tensor:
     """Scales rounded UP to float16 (as they are saved), in float32, never 0.
 
@@ -131,6 +189,11 @@ def _int8_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
 
 def _int4_linear(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
     module = _empty_like(linear, config)
+    if config.layer_zero_point == "float":
+        module.qweight, module.scales, module.mins = quantize_int4_float(
+            linear.weight, config.group_size
+        )
+        return module
     module.qweight, module.scales, zeros = quantize_int4(linear.weight, config.group_size)
     module.zeros = pack_zeros(zeros)
     return module
@@ -140,7 +203,7 @@ def _empty_like(linear: nn.Linear, config: QuantConfig) -> QuantizedLinear:
     with torch.device("meta"):  # every buffer is replaced at once; bias copied below
         module = QuantizedLinear(
             linear.in_features, linear.out_features, config.method, config.group_size,
-            bias=linear.bias is not None,
+            bias=linear.bias is not None, zero_point=config.layer_zero_point,
         )  # fmt: skip
     if linear.bias is not None:
         module.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
@@ -207,16 +270,18 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> None:
     embedding = getattr(model, "tok_embeddings", None)
     if not isinstance(embedding, nn.Embedding):
         raise LmscaleError("the model has no token embedding (tok_embeddings) to quantize")
-    table_config = QuantConfig(config.embeddings, config.embedding_group_size)
+    table_config = QuantConfig(config.embeddings, config.embedding_group_size,
+                               zero_point=config.embedding_zero_point)  # fmt: skip
     check_layout(table_config.method, table_config.group_size, embedding.embedding_dim,
-                 where="'tok_embeddings'")  # fmt: skip
+                 where="'tok_embeddings'", zero_point=table_config.zero_point)  # fmt: skip
     output = getattr(model, "output", None)
     tied = isinstance(output, nn.Linear) and output.weight is embedding.weight
     table = nn.Linear(embedding.embedding_dim, embedding.num_embeddings, bias=False,
                       device="meta")  # fmt: skip
     table.weight = embedding.weight  # (vocab, dim): the layout of a (dim -> vocab) head
     quantized = QuantizedEmbedding(embedding.num_embeddings, embedding.embedding_dim,
-                                   table_config.method, table_config.group_size)  # fmt: skip
+                                   table_config.method, table_config.group_size,
+                                   table_config.zero_point)  # fmt: skip
     quantized.table = HANDLERS[table_config.method](table, table_config)
     model.tok_embeddings = quantized
     if tied:
@@ -226,11 +291,12 @@ def quantize_embeddings_(model: nn.Module, config: QuantConfig) -> None:
 
 
 def quantization_of(model: nn.Module) -> dict | None:
-    """The `{"method", "group_size", "modules", "embeddings"}` record of a quantized model.
+    """The `{"method", "group_size", "zero_point", "modules", "embeddings"}` record of a model.
 
     None for a float model. This is what a saved model's config.json holds under
     "quantization". "modules" lists the block layers; "embeddings" is None (float) or
-    `{"method", "group_size", "tied"}` for a `QuantizedEmbedding` (and its head).
+    `{"method", "group_size", "tied", "zero_point"}` for a `QuantizedEmbedding` (and its head).
+    "zero_point" is "int" or "float" (int4's; a record without it, from before, means "int").
     """
     embedding = getattr(model, "tok_embeddings", None)
     table = embedding.table if isinstance(embedding, QuantizedEmbedding) else None
@@ -245,10 +311,12 @@ def quantization_of(model: nn.Module) -> dict | None:
     embeddings = None
     if table is not None:
         tied = getattr(model, "output", None) is table
-        embeddings = {"method": table.method, "group_size": table.group_size, "tied": tied}
+        embeddings = {"method": table.method, "group_size": table.group_size, "tied": tied,
+                      "zero_point": table.zero_point}  # fmt: skip
     return {
         "method": first.method,
         "group_size": first.group_size,
+        "zero_point": first.zero_point,
         "modules": [n for n, _ in found],
         "embeddings": embeddings,
     }
@@ -257,6 +325,8 @@ def quantization_of(model: nn.Module) -> dict | None:
 def describe(quantization: dict) -> str:
     """E.g. "int4, group size 32, 210 layers" (+ ", int8 embeddings")."""
     group = f", group size {quantization['group_size']}" if quantization["group_size"] else ""
+    if quantization.get("zero_point") == "float":
+        group += ", float zero point"
     embeddings = quantization.get("embeddings")
     extra = f", {embeddings['method']} embeddings" if embeddings else ""
     return f"{quantization['method']}{group}, {len(quantization['modules'])} layers{extra}"

@@ -2,13 +2,15 @@
 
     OUT/
         model.safetensors   float tensors as before; each quantized layer as its integers
-                            (`….qweight`), float16 `….scales` and, for int4, packed `….zeros`;
+                            (`….qweight`), float16 `….scales` and, for int4, packed `….zeros`
+                            (or, zero point "float", float16 `….mins`);
                             a quantized embedding as `tok_embeddings.table.*` (a tied head's
                             `output.*` names the same tensors, stored once)
         config.json         {"model": {...}, "tokenizer": {...},
-                             "quantization": {"method", "group_size", "modules": [fqn, ...],
+                             "quantization": {"method", "group_size", "zero_point",
+                                              "modules": [fqn, ...],
                                               "embeddings": null | {"method", "group_size",
-                                                                    "tied"}}}
+                                                                    "tied", "zero_point"}}}
         tokenizer.json
 
 `lmscale.checkpoint.load_pretrained(OUT)` reads "quantization" and rebuilds the
@@ -126,20 +128,23 @@ def save_quantized(
 
 
 def saved_state(model: nn.Module) -> dict[str, Tensor]:
-    """The state dict as written: every quantized layer's scales in float16.
+    """The state dict as written: every quantized layer's scales (and mins) in float16.
 
-    `quantize_` rounds scales to float16 already, so this loses nothing; a tied head's tensors
+    `quantize_` rounds them to float16 already, so this loses nothing; a tied head's tensors
     stay one object (the file stores them once).
     """
     state = model.state_dict()
     halves: dict[int, Tensor] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, QuantizedLinear):
-            key = f"{name}.scales" if name else "scales"
-            scales = state[key]
-            if id(scales) not in halves:
-                halves[id(scales)] = scales.to(torch.float16)
-            state[key] = halves[id(scales)]
+            for buffer in ("scales", "mins"):
+                key = f"{name}.{buffer}" if name else buffer
+                if key not in state:
+                    continue
+                tensor = state[key]
+                if id(tensor) not in halves:
+                    halves[id(tensor)] = tensor.to(torch.float16)
+                state[key] = halves[id(tensor)]
     return state
 
 

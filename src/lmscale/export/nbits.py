@@ -6,6 +6,11 @@ block of `block_size` input columns. Its inputs (onnxruntime's contrib-op spec):
     B            uint8 (N, k_blocks, block_size * bits / 8)  codes packed low-first along K
     scales       float (N * k_blocks)
     zero_points  uint8 (N * ceil(k_blocks * bits / 8))       packed like B (bits=4: two a byte)
+                 or the scales' float type (N * k_blocks)      any real zero point, unpacked
+
+int4 with a float zero point (`zero_point="float"`, w = q * scale + min) exports as float32
+zero points -min / scale: onnxruntime (1.32, CPU) computes (code - zero_point) * scale with them
+too (checked by tests/export/test_onnx.py).
 
 int4 (group-wise, asymmetric) maps onto it with block_size = group size; int8 (per output
 channel, symmetric) with bits=8, codes shifted to uint8 (q + 128, zero point 128) and the channel's
@@ -56,16 +61,21 @@ def nbits_tensors(layer: QuantizedLinear) -> dict:
         zeros = torch.full((N, K // block), 128, dtype=torch.uint8)
     else:
         bits, block = 4, K // scales.shape[1]
-        rounded = zeros.round()
-        if not torch.equal(rounded, zeros) or rounded.min() < 0 or rounded.max() > 15:
-            raise ValueError("int4 zero points must be integers in 0..15 for MatMulNBits")
-        zeros = rounded.to(torch.uint8)
+        if layer.zero_point != "float":
+            rounded = zeros.round()
+            if not torch.equal(rounded, zeros) or rounded.min() < 0 or rounded.max() > 15:
+                raise ValueError("int4 zero points must be integers in 0..15 for MatMulNBits")
+            zeros = rounded.to(torch.uint8)
     k_blocks = K // block
     packed = _pack(q, bits).reshape(N, k_blocks, block * bits // 8).contiguous()
+    if zeros.is_floating_point():  # float zero points: one per block, not packed
+        zero_points = zeros.reshape(-1).contiguous()
+    else:
+        zero_points = _pack(zeros, bits).reshape(-1).contiguous()
     return {
         "packed": packed,
         "scales": scales.reshape(-1).contiguous(),
-        "zero_points": _pack(zeros, bits).reshape(-1).contiguous(),
+        "zero_points": zero_points,
         "K": K, "N": N, "bits": bits, "block_size": block,
     }  # fmt: skip
 
@@ -76,9 +86,12 @@ def dequantize_nbits(packed: Tensor, scales: Tensor, zero_points: Tensor, K: int
     k_blocks = K // block_size
     if bits == 4:
         q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).reshape(N, k_blocks, block_size)
-        zp = torch.stack((zero_points & 0x0F, zero_points >> 4), dim=-1).reshape(N, -1)
     else:
-        q, zp = packed.reshape(N, k_blocks, block_size), zero_points.reshape(N, -1)
+        q = packed.reshape(N, k_blocks, block_size)
+    if bits == 4 and not zero_points.is_floating_point():
+        zp = torch.stack((zero_points & 0x0F, zero_points >> 4), dim=-1).reshape(N, -1)
+    else:  # 8-bit codes, or real zero points: one per block, unpacked
+        zp = zero_points.reshape(N, -1)
     zp = zp[:, :k_blocks, None].to(scales.dtype)
     w = (q.to(scales.dtype) - zp) * scales.reshape(N, k_blocks, 1)
     return w.reshape(N, K)

@@ -15,8 +15,18 @@ Layouts (`out` = out_features, `in` = in_features, `g` = group_size, `ng` = in/g
           scales  float (out, ng)        w = (q - zeros) * scales, per group of g input columns
           zeros   uint8 (out, ceil(ng/2)) the integer that stands for 0.0 (0..15), packed as
                                          qweight is (a row with an odd ng ends in a zero nibble)
+    int4, zero_point="float"             llama.cpp's Q4_1: a float minimum, not an integer zero
+          qweight uint8 (out, in/2)      as above
+          scales  float (out, ng)        w = q * scales + mins, per group of g input columns
+          mins    float (out, ng)        the group's value at q = 0 (no `zeros` buffer)
 
-Scales are held in the model's float dtype and written to disk as float16 (`compress.save`);
+The float layout exists because an integer zero point cannot hold a Q4_1 model: SmolLM2 as
+bundled is a dequantized GGUF Q4_1 (group 32, w = q * d + m, float16 d and m), and only a float
+minimum puts its grid back exactly (perplexity on 2,048 Hamlet tokens: float = float-zero RTN
+g32, while integer-zero RTN g32 costs +25.7%). `codes()` still returns (q, scales, zeros) with
+dequantized = (q - zeros) * scales: for the float layout zeros = -mins / scales (not integers).
+
+Scales (and mins) are held in the model's float dtype and written to disk as float16 (`compress.save`);
 `lmscale.compress.quantize` rounds them to float16 first, so a saved model equals the in-memory
 one. The saved layout is the portable one; each kernel derives its own packed form of the same
 integers once, on first use (`_kernel_state`, rebuilt when the buffers, dtype or device change).
@@ -34,7 +44,8 @@ Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
                   (checked by tests): weight = `_convert_weight_to_int4pack_for_cpu(q int32
                   (N, K) in 0..15, inner_k_tiles)`, N a multiple of 16 (we pad), group 32..256
                   dividing K, scales_and_zeros (K/g, N, 2) in x's dtype with
-                  w = (q - 8) * scale + zero, so zero = (8 - our zero point) * scale
+                  w = (q - 8) * scale + zero, so zero = (8 - our zero point) * scale,
+                  or, for the float layout, zero = min + 8 * scale
 
 Float32 activations are cast to bfloat16 for the int8/int4 kernels and the result cast back:
 that bfloat16 rounding is the only difference from the reference (tests bound it; the
@@ -64,6 +75,8 @@ from lmscale.errors import LmscaleError
 METHODS = ("int8", "int8-dynamic", "int4")
 EMBEDDING_METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
+ZERO_POINTS = ("int", "float")
+"""int4's zero point: an integer in 0..15 (packed `zeros`) or a float minimum (`mins`)."""
 
 _KERNEL_DTYPE = torch.bfloat16
 """The activation dtype of the CPU weight-only kernels (the only one they are fast in)."""
@@ -118,6 +131,7 @@ class QuantizedLinear(nn.Module):
         method: "int8" (per output channel, symmetric), "int8-dynamic" (the same weights, int8
             activations) or "int4" (group-wise, asymmetric).
         group_size: input columns per int4 group (32, 64 or 128, dividing `in_features`).
+        zero_point: int4 only: "int" (packed integer zeros) or "float" (float16 minimums).
 
     The buffers are allocated empty: `lmscale.compress.quantize` fills them from a float
     weight (or `from_codes` from integer codes), and a checkpoint loader assigns stored tensors.
@@ -125,12 +139,13 @@ class QuantizedLinear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, method: str, group_size: int | None = None,
-        bias: bool = False,
+        bias: bool = False, zero_point: str = "int",
     ) -> None:  # fmt: skip
         super().__init__()
-        check_layout(method, group_size, in_features)
+        check_layout(method, group_size, in_features, zero_point=zero_point)
         self.in_features, self.out_features = in_features, out_features
         self.method, self.group_size = method, group_size
+        self.zero_point = zero_point
         if method in ("int8", "int8-dynamic"):
             self.register_buffer(
                 "qweight", torch.empty(out_features, in_features, dtype=torch.int8)
@@ -141,8 +156,11 @@ class QuantizedLinear(nn.Module):
             packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
             self.register_buffer("qweight", packed)
             self.register_buffer("scales", torch.empty(out_features, n_groups))
-            zeros = torch.empty(out_features, (n_groups + 1) // 2, dtype=torch.uint8)
-            self.register_buffer("zeros", zeros)
+            if zero_point == "float":
+                self.register_buffer("mins", torch.empty(out_features, n_groups))
+            else:
+                zeros = torch.empty(out_features, (n_groups + 1) // 2, dtype=torch.uint8)
+                self.register_buffer("zeros", zeros)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self._kernel: tuple | None = None  # (key, derived tensors): see `_kernel_state`
 
@@ -158,10 +176,14 @@ class QuantizedLinear(nn.Module):
         Returns:
             q: int8 (out, in) for int8 layouts, uint8 (out, in) in 0..15 for int4;
             scales: float32 (out,) for int8, (out, in/g) for int4;
-            zeros: float32 (out, in/g) for int4, None for int8 (symmetric).
+            zeros: float32 (out, in/g) for int4 (integers in 0..15; for the float layout
+                -mins / scales, any real), None for int8 (symmetric).
         """
         if self.method != "int4":
             return self.qweight.clone(), self.scales.float(), None
+        if self.zero_point == "float":
+            scales = self.scales.float()
+            return unpack_int4(self.qweight), scales, -self.mins.float() / scales
         n_groups = self.in_features // self.group_size
         zeros = unpack_int4(self.zeros)[:, :n_groups].float()
         return unpack_int4(self.qweight), self.scales.float(), zeros
@@ -169,30 +191,41 @@ class QuantizedLinear(nn.Module):
     @classmethod
     def from_codes(
         cls, q: Tensor, scales: Tensor, zeros: Tensor | None, method: str,
-        group_size: int | None = None, bias: Tensor | None = None,
+        group_size: int | None = None, bias: Tensor | None = None, zero_point: str = "int",
     ) -> QuantizedLinear:  # fmt: skip
         """A layer holding these codes (the inverse of `codes`); scales are kept as given.
 
         Args:
             q: (out, in) integer codes: -127..127 for int8 layouts, 0..15 for int4.
             scales: (out,) for int8, (out, in/g) for int4; their dtype is the layer's.
-            zeros: (out, in/g) integer-valued zero points in 0..15 for int4, None for int8.
-            method, group_size: the layout.
+            zeros: (out, in/g) zero points for int4: integer-valued in 0..15, or any real for
+                zero_point="float" (stored as mins = -zeros * scales), None for int8.
+            method, group_size, zero_point: the layout.
             bias: (out,) or None.
         """
         out_features, in_features = q.shape
-        check_layout(method, group_size, in_features)
+        check_layout(method, group_size, in_features, zero_point=zero_point)
         scales = scales.detach()
         with torch.device("meta"):
-            layer = cls(in_features, out_features, method, group_size, bias is not None)
+            layer = cls(in_features, out_features, method, group_size, bias is not None,
+                        zero_point)  # fmt: skip
         if method == "int4":
             n_groups = in_features // group_size
             if zeros is None or tuple(zeros.shape) != (out_features, n_groups):
                 raise LmscaleError(f"int4 codes need zeros of shape {(out_features, n_groups)}")
-            if int(q.min()) < 0 or int(q.max()) > 15 or int(zeros.min()) < 0 or zeros.max() > 15:
-                raise LmscaleError("int4 codes and zero points must lie in 0..15")
+            if int(q.min()) < 0 or int(q.max()) > 15:
+                raise LmscaleError("int4 codes must lie in 0..15")
             layer.qweight = pack_int4(q.to(torch.uint8))
-            layer.zeros = pack_zeros(torch.round(zeros).to(torch.uint8))
+            if zero_point == "float":
+                if not bool(torch.isfinite(zeros).all()):
+                    raise LmscaleError("int4 float zero points must be finite")
+                # rounded to float16, the dtype they are saved in: a saved layer equals this one
+                mins = -zeros.detach().float() * scales.float()
+                layer.mins = mins.clamp(-65504, 65504).half().to(scales.dtype)
+            else:
+                if int(zeros.min()) < 0 or zeros.max() > 15:
+                    raise LmscaleError("int4 codes and zero points must lie in 0..15")
+                layer.zeros = pack_zeros(torch.round(zeros).to(torch.uint8))
         else:
             if zeros is not None and bool(zeros.ne(0).any()):
                 raise LmscaleError("int8 is symmetric: its zero points must be None (or 0)")
@@ -255,7 +288,9 @@ class QuantizedLinear(nn.Module):
         The cache key is the buffers' storage and the dtype, so `.to()`, loading new tensors
         (`assign=True`) or a deepcopy all rebuild it rather than using a stale copy.
         """
-        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype, dtype)
+        offsets = getattr(self, "mins", None)
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype, dtype,
+               None if offsets is None else offsets.data_ptr())  # fmt: skip
         if self._kernel is None or self._kernel[0] != key:
             self._kernel = (key, self._derive(dtype))
         return self._kernel[1]
@@ -276,7 +311,10 @@ class QuantizedLinear(nn.Module):
             pad = -self.out_features % 16  # the kernel needs N % 16 == 0
             q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
             weight = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-            float_zeros = (8 - zeros) * scales  # w = (q - 8) * s + float_zero
+            if self.zero_point == "float":  # w = q * s + m = (q - 8) * s + (m + 8 s)
+                float_zeros = self.mins.float() + 8 * scales
+            else:  # w = (q - z) * s = (q - 8) * s + (8 - z) * s
+                float_zeros = (8 - zeros) * scales
             pairs = torch.stack((scales, float_zeros), dim=-1)  # (out, ng, 2)
             pairs = F.pad(pairs, (0, 0, 0, 0, 0, pad)).transpose(0, 1)  # (ng, N, 2)
             return weight, pairs.to(dtype).contiguous()
@@ -290,23 +328,30 @@ class QuantizedLinear(nn.Module):
 
     def dequantize_rows(self, rows: Tensor | None, dtype: torch.dtype) -> Tensor:
         """Rows `rows` (any shape of indices; None = all) of the float weight, (*rows, in)."""
+        offsets = None
+        if self.method == "int4":
+            offsets = self.mins if self.zero_point == "float" else self.zeros
         if rows is None:
             qweight, scales = self.qweight, self.scales
-            zeros = self.zeros if self.method == "int4" else None
         else:
             qweight, scales = self.qweight[rows.reshape(-1)], self.scales[rows.reshape(-1)]
-            zeros = self.zeros[rows.reshape(-1)] if self.method == "int4" else None
+            offsets = None if offsets is None else offsets[rows.reshape(-1)]
         lead = (self.out_features,) if rows is None else tuple(rows.shape)
         if self.method != "int4":
             return (qweight.to(dtype) * scales.to(dtype)[:, None]).view(*lead, self.in_features)
         n_groups = scales.shape[1]
-        q = unpack_int4(qweight).view(-1, n_groups, self.group_size)  # (rows, ng, g)
-        z = unpack_int4(zeros)[:, :n_groups].to(dtype)[..., None]  # (rows, ng, 1)
-        w = (q.to(dtype) - z) * scales.to(dtype)[..., None]
+        q = unpack_int4(qweight).view(-1, n_groups, self.group_size).to(dtype)  # (rows, ng, g)
+        if self.zero_point == "float":
+            w = q * scales.to(dtype)[..., None] + offsets.to(dtype)[..., None]
+        else:
+            z = unpack_int4(offsets)[:, :n_groups].to(dtype)[..., None]  # (rows, ng, 1)
+            w = (q - z) * scales.to(dtype)[..., None]
         return w.view(*lead, self.in_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.method == "int4" else ""
+        if self.zero_point == "float":
+            group += ", zero_point=float"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"method={self.method}{group}, bias={self.bias is not None}"
@@ -325,19 +370,22 @@ class QuantizedEmbedding(nn.Module):
 
     Args:
         num_embeddings, embedding_dim: as for `nn.Embedding`.
-        method: "int8" or "int4"; group_size: int4 only.
+        method: "int8" or "int4"; group_size, zero_point: int4 only.
     """
 
     def __init__(
-        self, num_embeddings: int, embedding_dim: int, method: str, group_size: int | None = None
-    ) -> None:
+        self, num_embeddings: int, embedding_dim: int, method: str, group_size: int | None = None,
+        zero_point: str = "int",
+    ) -> None:  # fmt: skip
         super().__init__()
         if method not in EMBEDDING_METHODS:
             raise LmscaleError(
                 f"unknown embedding quantization '{method}' (choose from float, int8, int4)"
             )
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.table = QuantizedLinear(embedding_dim, num_embeddings, method, group_size)
+        self.table = QuantizedLinear(
+            embedding_dim, num_embeddings, method, group_size, zero_point=zero_point
+        )
 
     @property
     def weight(self) -> Tensor:
@@ -359,12 +407,13 @@ class QuantizedEmbedding(nn.Module):
 
 
 def check_layout(
-    method: str, group_size: int | None, in_features: int | None = None, where: str = "the layer"
-) -> None:
-    """Raise LmscaleError unless (method, group_size) names a layout this module can hold.
+    method: str, group_size: int | None, in_features: int | None = None, where: str = "the layer",
+    zero_point: str = "int",
+) -> None:  # fmt: skip
+    """Raise LmscaleError unless (method, group_size, zero_point) names a layout this module holds.
 
     Args:
-        method, group_size: the layout (see `QuantizedLinear`).
+        method, group_size, zero_point: the layout (see `QuantizedLinear`).
         in_features: the input width of a layer to hold it, if one is in view.
         where: the layer, named in the message.
     """
@@ -372,7 +421,11 @@ def check_layout(
         raise LmscaleError(
             f"unknown quantization method '{method}' (choose from {', '.join(METHODS)})"
         )
+    if zero_point not in ZERO_POINTS:
+        raise LmscaleError(f"unknown zero point '{zero_point}' (choose from int, float)")
     if method != "int4":
+        if zero_point != "int":
+            raise LmscaleError("a float zero point applies to int4 only (int8 is symmetric)")
         if group_size is not None:
             raise LmscaleError("a group size applies to int4 only (int8 is per output channel)")
         return
@@ -385,8 +438,9 @@ def check_layout(
 
 
 def swap_in_quantized_(
-    model: nn.Module, names: list[str], method: str, group_size: int | None
-) -> nn.Module:
+    model: nn.Module, names: list[str], method: str, group_size: int | None,
+    zero_point: str = "int",
+) -> nn.Module:  # fmt: skip
     """Replace the `nn.Linear` at each fully-qualified name by an empty `QuantizedLinear`.
 
     A loader calls this on a model built on the meta device, then assigns the stored tensors.
@@ -394,7 +448,7 @@ def swap_in_quantized_(
     Args:
         model: the model to change in place.
         names: e.g. ["layers.0.attention.wq", ...].
-        method, group_size: the layout (see `QuantizedLinear`).
+        method, group_size, zero_point: the layout (see `QuantizedLinear`).
 
     Returns:
         The same model.
@@ -407,27 +461,34 @@ def swap_in_quantized_(
         if not isinstance(linear, nn.Linear):
             raise LmscaleError(f"cannot quantize '{name}': the model has no linear layer there")
         quantized = QuantizedLinear(
-            linear.in_features, linear.out_features, method, group_size, linear.bias is not None
+            linear.in_features,
+            linear.out_features,
+            method,
+            group_size,
+            linear.bias is not None,
+            zero_point,
         )
         model.set_submodule(name, quantized)
     return model
 
 
 def swap_in_embedding_(
-    model: nn.Module, method: str, group_size: int | None, tied: bool
+    model: nn.Module, method: str, group_size: int | None, tied: bool, zero_point: str = "int"
 ) -> QuantizedEmbedding:
     """Replace `model.tok_embeddings` by an empty `QuantizedEmbedding` (and a tied head by its table).
 
     Args:
         model: a `Transformer`, changed in place.
-        method, group_size: the table's layout.
+        method, group_size, zero_point: the table's layout.
         tied: make `model.output` the embedding's table (one copy of the integers).
 
     Returns:
         The new embedding module.
     """
     old = model.tok_embeddings
-    embedding = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, method, group_size)
+    embedding = QuantizedEmbedding(
+        old.num_embeddings, old.embedding_dim, method, group_size, zero_point
+    )
     model.tok_embeddings = embedding
     if tied:
         model.output = embedding.table
