@@ -173,7 +173,11 @@ def _quantize_like(model: nn.Module, quantization: dict | None, directory) -> No
     modules = set(quantization["modules"])
     try:
         quantize_(
-            model, QuantConfig(quantization["method"], quantization["group_size"]),
+            model,
+            QuantConfig(
+                quantization["method"], quantization["group_size"],
+                zero_point=quantization.get("zero_point", "int"),
+            ),
             filter_fn=lambda _, fqn: fqn in modules,
         )  # fmt: skip
     except LmscaleError as error:
