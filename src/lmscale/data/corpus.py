@@ -82,6 +82,21 @@ def _iter_folder(folder: Path, suffixes: tuple[str, ...], keep_suffix: bool) -> 
         yield Document(name, read_text(file))
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """`(line number, parsed value)` of every non-blank line of a JSONL file.
+
+    Raises:
+        LmscaleError: a line is not valid JSON (named by its number).
+    """
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise LmscaleError(f"{path} line {number}: not valid JSON ({err})") from None
+
+
 def _iter_jsonl(path: Path) -> Iterator[Document]:
     for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():

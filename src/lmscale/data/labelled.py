@@ -12,13 +12,12 @@ against the majority-class baseline and with macro-F1.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscale.data.corpus import read_text, shakespeare_dir
+from lmscale.data.corpus import jsonl_records, read_text, shakespeare_dir
 from lmscale.errors import LmscaleError
 
 SHAKESPEARE_GENRE = "shakespeare-genre"
@@ -97,13 +96,7 @@ def read_labelled_jsonl(path: str | Path) -> list[Example]:
     if not path.is_file():
         raise LmscaleError(f"labelled data not found: {path}")
     examples = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LmscaleError(f"{path} line {number}: not valid JSON ({err})") from None
+    for number, record in jsonl_records(path):
         if (
             not isinstance(record, dict)
             or not isinstance(record.get("text"), str)

@@ -25,6 +25,7 @@ from torch import nn
 
 from lmscale.checkpoint import load_pretrained, save_model_dir
 from lmscale.config import to_dict
+from lmscale.data.corpus import jsonl_records
 from lmscale.errors import LmscaleError
 from lmscale.finetune.adapter import fingerprint, load_adapter, save_adapter
 from lmscale.finetune.classify import SequenceClassifier
@@ -172,13 +173,7 @@ def read_texts(path: str | Path) -> tuple[list[str], list[str] | None]:
     if not path.is_file():
         raise LmscaleError(f"file not found: {path}")
     texts, labels = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise LmscaleError(f"{path} line {number}: not valid JSON ({err})") from None
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LmscaleError(f"{path} line {number}: expected an object with a string 'text'")
         texts.append(record["text"])
