@@ -1,9 +1,13 @@
 """Compression: make a model smaller and faster, and measure the price in quality.
 
-So far: weight-only quantization (`quantize_`, int8 per channel and int4 group-wise), saved as
-a native model folder that every verb loads (`quantize_model`); pruning (`prune_`: magnitude,
-2:4, or structured into a smaller dense model), saved as a float folder (`prune_model`); and
-`compress_report`, which builds variants in memory and measures size, quality and speed.
+- quantization (`quantize_`: int8 per channel, int8 with dynamic activations, int4 group-wise
+  with an integer or float zero point, optionally the embedding table) and GPTQ calibration
+  (`gptq`), saved as a native model folder that every verb loads (`quantize_model`);
+- pruning (`prune_`: magnitude, 2:4, or structured into a smaller dense model), saved as a
+  float folder (`prune_model`), with an optional recovery fine-tune (`distill`);
+- distillation from a teacher (`distill`, on the training loop's distillation loss);
+- `compress_report`, which builds variants, scores them against the original and measures each
+  saved variant's RAM and speed in a fresh process (`measure`).
 """
 
 from lmscale.compress.prune import PruneConfig, PruneResult, prune_, prune_model

@@ -5,7 +5,10 @@
 - `adapter`: adapter folders (`save_adapter`, `load_adapter`) that refuse a foreign base;
 - `sft_data`: chat JSONL rendered with the model's template, assistant-only targets, packing;
 - `sft`: `finetune_lora`, the training run behind `lmscale finetune lora`;
-- `merge`: `merge_adapter`, behind `lmscale merge`.
+- `merge`: `merge_adapter`, behind `lmscale merge`;
+- `distributed`: `finetune lora --nproc N` under torchrun (ddp, fsdp, hsdp);
+- `classify`, `classify_run`, `classify_io`: sequence classification on the backbone, behind
+  `lmscale finetune classify` and `lmscale classify`.
 """
 
 from lmscale.finetune.adapter import load_adapter, save_adapter
