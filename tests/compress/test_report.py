@@ -145,3 +145,12 @@ def test_cli_bad_model_is_a_one_line_error(tmp_path, capsys):
     code = main(["compress-report", "--model", str(tmp_path / "nope"), "--text", str(text)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "model not found" in err
+
+
+def test_a_measured_peak_is_the_child_s_own_not_its_parent_s(model_dir):
+    """Linux keeps ru_maxrss across fork and exec; the child reads its own high-water mark."""
+    from lmscale.compress.measure import measure
+
+    ballast = torch.ones(600 * 2**20 // 4)  # 600 MiB resident in this (the parent) process
+    speed = measure(model_dir, prompt_tokens=8, decode_tokens=2, repeats=1)
+    assert ballast.sum() > 0 and 0 < speed.peak_ram < 300 * 2**20

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -95,8 +94,16 @@ def _rss() -> int:
 
 
 def _peak_rss() -> int:
-    """The largest resident set size this process has had, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The largest resident set size this process has had, in bytes (VmHWM).
+
+    NOTE: not `getrusage`'s ru_maxrss: Linux keeps that across fork and exec, so a child of a
+    large process (the report holds every variant) would report its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise LmscaleError("cannot read VmHWM from /proc/self/status")
 
 
 @torch.inference_mode()

@@ -82,7 +82,8 @@ class Row:
     params: int
     """Parameters, quantized weights counted as the float weights they stand for."""
     bytes: int
-    """Bytes of the state dict as stored (integers, scales and zero points; tied tensors once)."""
+    """Bytes on disk of the saved model.safetensors when speed is measured (tied tensors once),
+    else of the in-memory state dict."""
     perplexity: float
     """exp(mean NLL) over the scored tokens."""
     kl: float
@@ -165,7 +166,7 @@ def compress_report(
     ]  # fmt: skip
     if tokenizer is not None:
         for variant, model, row in zip(variants, models, rows, strict=True):
-            measured = _measure_saved(variant, model, tokenizer, speed or {})
+            measured, row.bytes = _measure_saved(variant, model, tokenizer, speed or {})
             row.peak_ram, row.prompt_tok_s = measured.peak_ram, measured.prompt_tok_s
             row.decode_tok_s = measured.decode_tok_s
     return rows
@@ -173,10 +174,15 @@ def compress_report(
 
 def _measure_saved(
     variant: Variant, model: Transformer, tokenizer: Tokenizer, speed: dict
-) -> Speed:
-    """Save `model` to a temporary folder (unless it came from one) and measure it there."""
+) -> tuple[Speed, int]:
+    """Save `model` to a temporary folder (unless it came from one) and measure it there.
+
+    Returns:
+        The speed and the bytes of the folder's model.safetensors (the size on disk, which is
+        what a user ships; in memory some scales are held wider than they are stored).
+    """
     if variant.path is not None:
-        return measure(variant.path, variant.dtype, **speed)
+        return measure(variant.path, variant.dtype, **speed), _weights_bytes(Path(variant.path))
     with tempfile.TemporaryDirectory(prefix="lmscale-report-") as tmp:
         out = Path(tmp) / "model"
         if quantization_of(model) is not None:
@@ -184,7 +190,13 @@ def _measure_saved(
         else:
             config = {"model": to_dict(model.config), "tokenizer": tokenizer.settings}
             save_model_dir(out, model.state_dict(), config, tokenizer.to_json())
-        return measure(out, variant.dtype, **speed)
+        return measure(out, variant.dtype, **speed), _weights_bytes(out)
+
+
+def _weights_bytes(folder: Path) -> int:
+    """Bytes of a model folder's weights file (a run directory: its latest checkpoint's)."""
+    files = sorted(folder.rglob("model.safetensors"))
+    return files[-1].stat().st_size if files else 0
 
 
 CALIBRATION_TOKENS = 2048
