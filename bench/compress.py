@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# bench/ is on sys.path when a script in it runs: the batch-1 timing loop is decode_cpu's.
+from decode_cpu import measure  # noqa: E402
 
 from lmscale.checkpoint import export_hf, load_pretrained, save_model_dir, smollm2_path
 from lmscale.compress import QuantConfig, quantize_
@@ -160,28 +161,6 @@ def llama_cpp_runner(threads: int) -> Runner | None:
 
 
 # --- measuring ------------------------------------------------------------------------------------
-
-
-def measure(runners: dict[str, Runner], prompt: list[int], args) -> dict[str, dict]:
-    """Median prefill and decode tokens/s per runner, the runners interleaved."""
-    times = {key: {"first": [], "all": []} for key in runners}
-    for run in runners.values():
-        run(prompt, 2)  # warm-up: kernel packs, allocator
-    for _ in range(args.repeats):
-        for key, run in runners.items():
-            for kind, n in (("first", 1), ("all", args.new_tokens)):
-                start = time.perf_counter()
-                out = run(prompt, n)
-                times[key][kind].append(time.perf_counter() - start)
-                assert len(out) == n, (key, len(out))
-    speeds = {}
-    for key, t in times.items():
-        first, full = statistics.median(t["first"]), statistics.median(t["all"])
-        speeds[key] = {
-            "prefill": len(prompt) / first,
-            "decode": (args.new_tokens - 1) / (full - first),
-        }
-    return speeds
 
 
 def report(rows: dict, speeds: dict, args) -> None:

@@ -102,8 +102,13 @@ def check_agreement(runners: dict, prompt: list[int], n: int = 16) -> None:
 
 
 def measure(runners: dict, prompt: list[int], args: argparse.Namespace) -> dict:
-    """Median prefill and decode tokens/s per (side, dtype), the runs interleaved."""
+    """Median prefill and decode tokens/s per runner, the runs interleaved after a warm-up.
+
+    `bench/compress.py` measures its runners with this function too.
+    """
     times = {key: {"first": [], "all": []} for key in runners}
+    for run in runners.values():
+        run(prompt, 2)  # warm-up: kernel packing, allocator
     for _ in range(args.repeats):
         for key, run in runners.items():
             for kind, n in (("first", 1), ("all", args.new_tokens)):
@@ -115,7 +120,7 @@ def measure(runners: dict, prompt: list[int], args: argparse.Namespace) -> dict:
     for key, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["all"])
         results[key] = {
-            "prefill": args.prompt_tokens / first,
+            "prefill": len(prompt) / first,
             "decode": (args.new_tokens - 1) / (full - first),
         }
     return results
