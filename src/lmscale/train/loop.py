@@ -62,10 +62,13 @@ from lmscale.train.optim import build_optimizer, lr_at
 from lmscale.train.precision import (
     DTYPES,
     autocast,
+    current_memory_bytes,
     grad_scaler,
     peak_memory_bytes,
+    reset_peak_memory,
     resolve_device,
 )
+from lmscale.train.run_info import describe_machine, write_run_info
 
 CHECKPOINTS = "checkpoints"
 
@@ -192,6 +195,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     val_data = TokenDataset(config.data.path, "val")
     val_data = val_data if len(val_data) >= 2 else None
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
+    baseline_mem = current_memory_bytes(device)  # what is not the training's: libraries, data
     model = _initial_model(config, train_data, device)
     context = config.train.context or config.model.max_seq_len
     if context > config.model.max_seq_len:
@@ -232,6 +236,10 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     if run.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(config.to_toml())
+        layout = {"world_size": ranks.world_size, "strategy": parallel.strategy,
+                  "dp_size": parallel.dp_size, "tp_size": parallel.tp_size,
+                  "grad_accum": run.grad_accum}  # fmt: skip
+        write_run_info(run_dir, describe_machine(device, baseline_mem) | layout)
     if parallel.distributed:
         run.loss_fn = logits_loss_sum  # the fused loss bypasses the wrappers' forward hooks
         run.heartbeat = Heartbeat(config.parallel.timeout_s)
@@ -331,6 +339,7 @@ def train_step(run: Run) -> float:
     accumulated gradient equals that of one batch holding every micro-batch.
     """
     cfg = run.config.train
+    reset_peak_memory(run.device)  # the logged peak is this step's, not an evaluation's or a save's
     start = time.perf_counter()
     lr = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in run.optimizer.param_groups:

@@ -39,9 +39,47 @@ def grad_scaler(device: torch.device, dtype: str) -> torch.amp.GradScaler | None
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory so far: allocated CUDA memory, or the process's peak resident set on the CPU."""
+    """Peak memory since the last `reset_peak_memory`: allocated CUDA memory, or on the CPU the
+    process's peak resident set (VmHWM; ru_maxrss where /proc is missing)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    return _proc_status_bytes("VmHWM") or _max_rss_bytes()
+
+
+def current_memory_bytes(device: torch.device) -> int:
+    """Memory held now: allocated CUDA memory, or the process's resident set on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_status_bytes("VmRSS") or _max_rss_bytes()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak window (a training step), so evaluation or saving do not hide in it.
+
+    On Linux, writing 5 to /proc/self/clear_refs resets VmHWM to the current resident set.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # no /proc (or not allowed): the peak stays the process's lifetime peak
+
+
+def _proc_status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        return None
+    return None
+
+
+def _max_rss_bytes() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
