@@ -33,7 +33,13 @@ def lmscale_train(args: list[str], nproc: int | None = None, timeout: float = 24
     if nproc is not None:
         command += ["--nproc", str(nproc)]
     return subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=worker_env(), **popen
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=worker_env(),
+        **popen,
     )
 
 

@@ -1011,7 +1011,11 @@ VERBS: dict[str, Verb] = {
     "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters, classifiers"),
     "classify": (classify_args, classify, "label passages with a trained classifier"),
     "merge": (merge_args, merge, "fold a LoRA adapter into its base model, save a model folder"),
-    "plan": (plan_args, plan, "memory, time, cost and energy of training or serving, before it runs"),
+    "plan": (
+        plan_args,
+        plan,
+        "memory, time, cost and energy of training or serving, before it runs",
+    ),
 }
 
 if __name__ == "__main__":

@@ -68,3 +68,13 @@ def training_flops_per_token(
 def training_flops(model: ModelConfig, seq_len: int, tokens: float) -> float:
     """Model FLOPs of training on `tokens` tokens (about 6 N D, plus the attention term)."""
     return training_flops_per_token(model, seq_len)[0] * tokens
+
+
+def chinchilla_optimal(flops: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
+    """(parameters, tokens) that spend `flops` compute-optimally, with C = 6 N D and D = 20 N.
+
+    Hoffmann et al. 2022 ("Training Compute-Optimal Large Language Models"), Approach 1: N and D
+    grow as C^0.5 each, about 20 tokens per parameter (their Table 3).
+    """
+    params = (flops / (6 * tokens_per_param)) ** 0.5
+    return params, tokens_per_param * params

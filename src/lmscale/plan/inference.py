@@ -101,7 +101,8 @@ def serve_plan(
             f"serving on {devices} devices splits the {model.n_heads} attention heads over them: "
             "use a --gpus that divides the heads"
         )
-    weights = {name: weight_bytes(model, name) for name in WEIGHT_BITS}
+    chosen = weight_bytes(model, dtype)  # checks the dtype before anything else
+    weights = {name: weight_bytes(model, name) for name in WEIGHT_BITS} | {dtype: chosen}
     per_token = kv_bytes_per_token(model, kv_dtype)
     per_sequence = per_token * context
     workspace = devices * device.reserve_gib * 2**30 + _workspace(model)

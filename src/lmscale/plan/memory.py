@@ -125,12 +125,7 @@ def _stage_memory(workload: Workload, s: Strategy, first: bool, last: bool) -> M
     items = block_activation_items(workload)
     tokens = s.micro_batch * workload.seq_len
     per_layer_full = tokens * sum(_split(i, s) for i in items)
-    if s.recompute == "full":
-        kept = tokens * model.dim * recipe.residual_bytes / (s.tp if s.sp else 1)
-    elif s.recompute == "selective":
-        kept = tokens * sum(_split(i, s) for i in items if i.name not in _score_items())
-    else:
-        kept = per_layer_full
+    kept = block_activations(workload, s)
     in_flight = min(s.pp, s.micro_batches(workload)) if first else 1
     activations = kept * layers * in_flight
     if last:
@@ -144,6 +139,24 @@ def _stage_memory(workload: Workload, s: Strategy, first: bool, last: bool) -> M
     )  # fmt: skip
     breakdown.peak = _peak(breakdown, s, workload, layers, kept * in_flight)
     return breakdown
+
+
+def block_activations(workload: Workload, s: Strategy) -> float:
+    """Bytes one block keeps for its backward, per micro-batch, on one device.
+
+    Korthikanti et al. 2022, Table 2, in their setting (16-bit, eager attention, dropout):
+    s*b*h*(34 + 5*a*s/h) with no parallelism; (10 + 24/t + 5*a*s/(h*t)) under tensor parallel;
+    divided by t throughout with sequence parallel; the 5*a*s/h term gone with selective
+    recomputation; 2*s*b*h (the block's input) with full recomputation.
+    """
+    items = block_activation_items(workload)
+    tokens = s.micro_batch * workload.seq_len
+    if s.recompute == "full":
+        model = workload.model
+        return tokens * model.dim * workload.recipe.residual_bytes / (s.tp if s.sp else 1)
+    if s.recompute == "selective":
+        items = [i for i in items if i.name not in _score_items()]
+    return tokens * sum(_split(i, s) for i in items)
 
 
 def _split(item: _Item, s: Strategy) -> float:

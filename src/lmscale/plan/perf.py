@@ -187,7 +187,7 @@ def training_cost(workload: Workload, strategy: Strategy, cluster: Cluster) -> T
     steps = workload.train_tokens / strategy.step_tokens(workload)
     seconds = steps * step.total
     device_hours = seconds * cluster.n_devices / 3600
-    energy = device_hours * cluster.power_w / 1000 * cluster.pue
+    energy = energy_kwh(device_hours, cluster.power_w, cluster.pue)
     model_per_token, _ = training_flops_per_token(workload.model, workload.seq_len)
     model_flops = model_per_token * workload.train_tokens
     peak = cluster.device.peak_flops(workload.recipe.math)
@@ -196,3 +196,8 @@ def training_cost(workload: Workload, strategy: Strategy, cluster: Cluster) -> T
         steps, step, seconds, device_hours, device_hours * cluster.price_per_hour, energy,
         energy * cluster.grid_kg_per_kwh, model_flops, mfu,
     )  # fmt: skip
+
+
+def energy_kwh(device_hours: float, power_w: float, pue: float = PUE) -> float:
+    """Energy drawn from the grid: device-hours x power per device x PUE."""
+    return device_hours * power_w / 1000 * pue
