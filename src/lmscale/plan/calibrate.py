@@ -6,8 +6,11 @@ strategy), `run_info.json` (device, threads, processes, memory before the model 
 `lmscale plan` makes it, with the precision recipe and attention kernel lmscale trains with
 (torch.autocast or fp32; scaled_dot_product_attention; the chunked loss on one process).
 
-Measured memory is the step's peak less the baseline: CUDA's peak allocated bytes, or on the CPU
-the peak resident set, which also holds the allocator's slack.
+Measured memory is a step's peak of *allocated* memory (CUDA's allocated bytes; on the CPU,
+malloc's bytes in use after each forward, backward and optimizer step) less what was allocated
+before the model was built: what the planner predicts. The memory the process *holds* (CUDA's
+reserved bytes, the CPU's resident set) is shown beside it: it adds the allocator's retained free
+blocks, which depend on the allocator and vary from run to run.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ class Calibration:
     info: dict
     memory: MemoryBreakdown
     measured_peak: float
-    """The logged steps' largest peak, less the baseline, bytes."""
+    """The logged steps' largest allocated peak, less the allocated baseline, bytes."""
+    measured_held: float
+    """The logged steps' largest held peak (reserved / resident), less its baseline, bytes."""
     predicted_step: StepTime
     measured_step_s: float
 
@@ -79,10 +84,11 @@ def calibrate(run_dir: str | Path, device_name: str | None = None) -> Calibratio
     cluster = Cluster.of(device, strategy.n_devices, devices_per_node=strategy.n_devices)
     memory = training_memory(workload, strategy)
     timed = [r for r in steps if r["step"] > 1] or steps
-    measured_peak = max(r["peak_mem_bytes"] for r in timed) - info["baseline_mem_bytes"]
+    measured_peak = max(r["peak_alloc_bytes"] for r in timed) - info["baseline_alloc_bytes"]
+    measured_held = max(r["peak_mem_bytes"] for r in timed) - info["baseline_mem_bytes"]
     measured_step = statistics.median(r["step_time_s"] for r in timed)
     return Calibration(
-        run_dir, workload, strategy, device, info, memory, measured_peak,
+        run_dir, workload, strategy, device, info, memory, measured_peak, measured_held,
         step_time(workload, strategy, cluster), measured_step,
     )  # fmt: skip
 
@@ -101,9 +107,11 @@ def _read_run(run_dir: Path) -> tuple[dict, dict, list[dict]]:
                    if line.strip()]  # fmt: skip
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise LmscaleError(f"--calibrate {run_dir}: unreadable run files: {err}") from None
-    steps = [r for r in records if "step_time_s" in r and "peak_mem_bytes" in r]
-    if not steps or "baseline_mem_bytes" not in info:
-        raise LmscaleError(f"--calibrate {run_dir}: the run logged no step with time and memory")
+    steps = [r for r in records if "step_time_s" in r and "peak_alloc_bytes" in r]
+    if not steps or "baseline_alloc_bytes" not in info:
+        raise LmscaleError(
+            f"--calibrate {run_dir}: the run logged no step with its time and allocated memory"
+        )
     return config, info, steps
 
 

@@ -205,8 +205,10 @@ def calibration_text(c: Calibration) -> str:
             ("parameters", m.parameters), ("gradients", m.gradients),
             ("optimizer", m.optimizer), ("activations", m.activations),
             ("buffers", m.buffer_total))),
-        f"  measured memory is the steps' peak less the {fmt_bytes(info['baseline_mem_bytes'])} "
-        "held before the model was built",
+        f"  measured: the steps' peak of allocated memory less the "
+        f"{fmt_bytes(info['baseline_alloc_bytes'])} allocated before the model was built; the "
+        f"process held {fmt_bytes(c.measured_held)} more than before at its peak (the "
+        "allocator's retained free blocks included)",
     ])  # fmt: skip
 
 
@@ -215,6 +217,7 @@ def calibration_json(c: Calibration) -> dict:
         "run_dir": str(c.run_dir), "device": c.device.name, "info": c.info,
         "strategy": asdict(c.strategy), "precision": c.workload.precision,
         "predicted_memory": asdict(c.memory), "measured_peak_bytes": c.measured_peak,
+        "measured_held_bytes": c.measured_held,
         "memory_error": c.memory_error, "memory_agrees": c.memory_agrees,
         "predicted_step_s": c.predicted_step.total, "measured_step_s": c.measured_step_s,
         "measured_mfu": c.measured_mfu,

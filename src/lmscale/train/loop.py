@@ -57,15 +57,13 @@ from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.distill_loss import DistillLoss
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
 from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
+from lmscale.train.memory import MemoryMeter
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.optim import build_optimizer, lr_at
 from lmscale.train.precision import (
     DTYPES,
     autocast,
-    current_memory_bytes,
     grad_scaler,
-    peak_memory_bytes,
-    reset_peak_memory,
     resolve_device,
 )
 from lmscale.train.run_info import describe_machine, write_run_info
@@ -127,6 +125,8 @@ class Run:
     grad_accum: int = 1
     """Micro-batches per optimizer step on each rank."""
     heartbeat: Heartbeat | None = None
+    memory: MemoryMeter | None = None
+    """Measures each step's peak memory (held and allocated) for metrics.jsonl."""
     comm_bytes: int | None = None
     """DDP: bytes this rank handed to gradient all-reduces in the last step."""
     step: int = 0
@@ -195,7 +195,10 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     val_data = TokenDataset(config.data.path, "val")
     val_data = val_data if len(val_data) >= 2 else None
     torch.manual_seed(config.train.seed)  # every rank builds the same initial weights
-    baseline_mem = current_memory_bytes(device)  # what is not the training's: libraries, data
+    meter = MemoryMeter(
+        device, track_tensors=strategy in ("none", "ddp") and not config.train.compile
+    )
+    baseline = meter.baseline()  # what is not the training's: interpreter, libraries, data
     model = _initial_model(config, train_data, device)
     context = config.train.context or config.model.max_seq_len
     if context > config.model.max_seq_len:
@@ -227,7 +230,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     run = Run(
         config, run_dir, device, parallel.module, optimizer, loader, train_data, val_data,
         data_tokenizer(train_data.data_dir), context, parallel, ranks,
-        cfg.accumulation_steps(parallel.dp_size),
+        cfg.accumulation_steps(parallel.dp_size), memory=meter,
     )  # fmt: skip
     # NOTE: before anything is written, so that a teacher that does not fit leaves no trace.
     distill_loss = _distill_loss(run) if config.distill.teacher is not None else None
@@ -239,7 +242,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
         layout = {"world_size": ranks.world_size, "strategy": parallel.strategy,
                   "dp_size": parallel.dp_size, "tp_size": parallel.tp_size,
                   "grad_accum": run.grad_accum}  # fmt: skip
-        write_run_info(run_dir, describe_machine(device, baseline_mem) | layout)
+        write_run_info(run_dir, describe_machine(device) | baseline | layout)
     if parallel.distributed:
         run.loss_fn = logits_loss_sum  # the fused loss bypasses the wrappers' forward hooks
         run.heartbeat = Heartbeat(config.parallel.timeout_s)
@@ -338,8 +341,18 @@ def train_step(run: Run) -> float:
     NOTE: each micro-batch's summed loss is divided by the target count of the whole step, so the
     accumulated gradient equals that of one batch holding every micro-batch.
     """
+    run.memory.start_step(logged=_logs_step(run, run.step + 1))
+    try:
+        loss = _step(run)
+    finally:
+        run.memory.end_step()
+    if run.heartbeat:
+        run.heartbeat.beat(run.step)
+    return loss
+
+
+def _step(run: Run) -> float:
     cfg = run.config.train
-    reset_peak_memory(run.device)  # the logged peak is this step's, not an evaluation's or a save's
     start = time.perf_counter()
     lr = lr_at(run.step, cfg.lr, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     for group in run.optimizer.param_groups:
@@ -372,8 +385,6 @@ def train_step(run: Run) -> float:
     run.step_times.append(time.perf_counter() - start)
     if parallel.comm is not None:
         run.comm_bytes = parallel.comm.take()
-    if run.heartbeat:
-        run.heartbeat.beat(run.step)
     return loss
 
 
@@ -495,15 +506,20 @@ def _tokens_per_step(run: Run) -> int:
     return run.config.train.batch_size * run.grad_accum * run.parallel.dp_size * run.context
 
 
-def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
+def _logs_step(run: Run, step: int) -> bool:
+    """Whether step `step` (1-based) writes a metrics line."""
     cfg = run.config.train
-    if metrics is None or run.step % cfg.log_interval and run.step not in (1, cfg.max_steps):
+    return step % cfg.log_interval == 0 or step in (1, cfg.max_steps)
+
+
+def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
+    if metrics is None or not _logs_step(run, run.step):
         return
     step_time = run.step_times[-1]
     metrics.log(
         run.step, loss=loss, lr=run.optimizer.param_groups[0]["lr"],
         tokens_per_s=_tokens_per_step(run) / step_time, step_time_s=step_time,
-        peak_mem_bytes=peak_memory_bytes(run.device),
+        **run.memory.peaks(),
         **({"comm_bytes": run.comm_bytes} if run.comm_bytes is not None else {}),
     )  # fmt: skip
 

@@ -2,8 +2,9 @@
 
 `lmscale plan --calibrate RUN_DIR` sets the planner's prediction beside what the run measured; it
 needs to know the device, the process layout, and the memory that was not the training's (the
-interpreter, torch's libraries, the data): `baseline_mem_bytes`, read just before the model is
-built. The per-step peak is in metrics.jsonl (`peak_mem_bytes`).
+interpreter, torch's libraries, the data): `baseline_mem_bytes` and `baseline_alloc_bytes`, read
+just before the model is built (see `lmscale.train.memory`). Each logged step's peaks are in
+metrics.jsonl (`peak_mem_bytes`, `peak_alloc_bytes`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 RUN_INFO = "run_info.json"
 
 
-def describe_machine(device: torch.device, baseline_mem_bytes: int) -> dict[str, Any]:
+def describe_machine(device: torch.device) -> dict[str, Any]:
     """Device, its name, threads and library versions of this process."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
     return {
@@ -29,7 +30,6 @@ def describe_machine(device: torch.device, baseline_mem_bytes: int) -> dict[str,
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "baseline_mem_bytes": baseline_mem_bytes,
     }
 
 
