@@ -29,6 +29,11 @@ BUCKET_ELEMENTS = 40_000_000
 """ZeRO-1/2 gradient and parameter communication buckets (Megatron-LM's distributed-optimizer
 bucket size)."""
 
+DDP_BUCKETS = "DDP gradient buckets (a flat copy of the gradients)"
+GATHERED = "gathered parameters (this + next layer)"
+RECOMPUTED = "one block recomputed in the backward"
+BACKWARD_WORKING_SET = "a block's backward: gradients of its widest tensors"
+
 
 @dataclass
 class MemoryBreakdown:
@@ -205,7 +210,7 @@ def _buffers(
     if s.zero == 3:
         layer = model.num_params(embeddings=False) / model.n_layers / s.tp
         biggest = max(layer, model.vocab_size * model.dim / s.tp)
-        buffers["gathered parameters (this + next layer)"] = 2 * biggest * compute_bytes
+        buffers[GATHERED] = 2 * biggest * compute_bytes
         buffers["unsharded gradients of one layer"] = layer * recipe.grad_bytes
     elif recipe.autocast:  # cached by autocast, kept by each product for its backward
         head = model.vocab_size * model.dim / s.tp if last and not workload.fused_loss else 0
@@ -213,7 +218,7 @@ def _buffers(
             layers * layer_matmul_params(model) / s.tp + head
         )
     if s.dp > 1 and s.zero == 0:
-        buffers["DDP gradient buckets (a flat copy of the gradients)"] = params * recipe.grad_bytes
+        buffers[DDP_BUCKETS] = params * recipe.grad_bytes
     elif s.dp > 1 and s.zero in (1, 2):
         bucket = min(params, BUCKET_ELEMENTS)
         buffers["gradient and parameter buckets"] = bucket * (recipe.grad_bytes + compute_bytes)
@@ -227,27 +232,30 @@ def _buffers(
                 tokens * (2 + 4) * model.vocab_size / s.tp
             )
     if s.recompute == "full":
-        buffers["one block recomputed in the backward"] = layer_activations
+        buffers[RECOMPUTED] = layer_activations
+    # While a block runs backward, the gradients of its widest tensors (the MLP's) exist beside
+    # the tensors themselves: about two of them at a time.
+    buffers[BACKWARD_WORKING_SET] = 2 * tokens * model.hidden_dim * recipe.activation_bytes / s.tp
     return buffers
 
 
 def _peak(
     b: MemoryBreakdown, s: Strategy, workload: Workload, layers: int, layer_kept: float
 ) -> float:
-    """Model states, persistent buffers, and the larger of the forward and backward sides."""
-    persistent = b.parameters + b.optimizer
-    transient = b.buffer_total
-    for name in b.buffers:
-        if name.startswith("DDP gradient buckets"):
-            persistent += b.buffers[name]
-            transient -= b.buffers[name]
-    accumulating = s.micro_batches(workload) > 1 or s.pp > 1
+    """Model states, persistent buffers, and the larger of the forward and backward sides.
+
+    Forward side (the backward's start): every activation and temporary buffer. Backward side
+    (its end): every gradient, the first block's activations, and what the backward itself
+    builds (its working set, a recomputed block, gathered ZeRO-3 parameters).
+    """
+    persistent = b.parameters + b.optimizer + b.buffers.get(DDP_BUCKETS, 0.0)
+    transient = b.buffer_total - b.buffers.get(DDP_BUCKETS, 0.0)
     forward_side = b.activations + transient
-    if accumulating:
+    if s.micro_batches(workload) > 1 or s.pp > 1:  # gradients stay between micro-batches
         return persistent + b.gradients + forward_side
-    one_layer_grads = b.gradients / max(1, layers)
-    one_layer_acts = layer_kept
-    return persistent + max(forward_side + one_layer_grads, b.gradients + one_layer_acts)
+    rebuilt = sum(b.buffers.get(name, 0.0) for name in (RECOMPUTED, GATHERED, BACKWARD_WORKING_SET))
+    backward_side = b.gradients + layer_kept + rebuilt
+    return persistent + max(forward_side + b.gradients / max(1, layers), backward_side)
 
 
 def _stage_name(s: Strategy, first: bool, last: bool) -> str:
