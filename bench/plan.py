@@ -1,5 +1,7 @@
 """`lmscale plan` against what training really takes, and against the other estimators.
 
+0. `lmscale plan --calibrate` on real `lmscale train` runs of the default model (bf16 autocast,
+   fp32, recomputation, gradient accumulation, DDP on 2 processes): predicted against measured.
 1. Measured: one training step of lmscale and of its Hugging Face transformers twin (same shape,
    AdamW, torch.autocast bf16 or fp32) on this CPU, each in its own process: the peak of
    allocated memory (malloc's bytes in use when the step starts, plus the peak of tensor storage
@@ -12,7 +14,7 @@
    estimators and accelerate, with lmscale's peak including activations.
 3. Latency: `lmscale plan` as a user runs it (a fresh process), and the ranking alone in process.
 
-    python bench/plan.py                 # all three (about two minutes on 2 cores)
+    python bench/plan.py                 # everything (about five minutes on 2 cores)
     python bench/plan.py --skip-measured # parts 2 and 3 only
 """
 
@@ -78,6 +80,35 @@ def worker(tool: str, shape: str, dtype: str, batch: int) -> dict:
         step()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"peak_bytes": start + tracker.peak - baseline, "param_bytes": total}
+
+
+CALIBRATION_RUNS = {
+    "bf16 autocast": [],
+    "fp32": ["--train.dtype", "float32"],
+    "bf16, recomputation": ["--train.activation_checkpointing", "true"],
+    "bf16, 2 micro-batches": ["--train.grad_accum_steps", "2", "--train.batch_size", "8"],
+    "bf16, DDP on 2 processes": ["--parallel.strategy", "ddp", "--nproc", "2"],
+}
+
+
+def print_calibration(data: Path, out: Path) -> None:
+    from lmscale.plan.calibrate import calibrate
+
+    print("\n0. lmscale plan --calibrate on lmscale train runs of shakespeare-10m "
+          "(batch 16 x 256 unless stated, 4 steps)")  # fmt: skip
+    print(f"{'run':<26} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7} {'held MiB':>9}")
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    for name, extra in CALIBRATION_RUNS.items():
+        run = out / name.replace(" ", "_").replace(",", "")
+        command = [sys.executable, "-m", "lmscale", "train", "--config",
+                   str(ROOT / "configs/shakespeare-10m.toml"), "--data.path", str(data), "--out",
+                   str(run), "--train.max_steps", "4", "--train.log_interval", "1",
+                   "--train.eval_interval", "0", "--train.checkpoint_interval", "0",
+                   "--sample-tokens", "0", "--no-progress", *extra]  # fmt: skip
+        subprocess.run(command, capture_output=True, check=True, env=env)
+        c = calibrate(run)
+        print(f"{name:<26} {c.memory.peak / MiB:>13.0f} {c.measured_peak / MiB:>12.0f} "
+              f"{c.memory_error:>+7.1%} {c.measured_held / MiB:>9.0f}")  # fmt: skip
 
 
 def measured_rows(dtypes: list[str], batch: int) -> list[dict]:
@@ -215,6 +246,11 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--skip-measured", action="store_true")
+    parser.add_argument(
+        "--data",
+        default=str(ROOT / "data/shakespeare"),
+        help="prepared data for part 0 (lmscale prepare --corpus shakespeare)",
+    )
     args = parser.parse_args()
     if args.worker:
         tool, shape, dtype, batch = args.worker
@@ -228,6 +264,10 @@ def main() -> None:
     print(f"machine: {info['device_name']}, {info['cpu_count']} cores, torch {info['torch']}, "
           f"python {info['python']}")  # fmt: skip
     if not args.skip_measured:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            print_calibration(Path(args.data), Path(tmp))
         print_measured(measured_rows(args.dtypes.split(","), args.batch))
     print_large()
     print_latency(args.repeats)
