@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lmscale.cli.scaling import scaling, scaling_args
 from lmscale.errors import LmscaleError
 
 EXIT_USER_ERROR = 2
@@ -1010,6 +1011,7 @@ VERBS: dict[str, Verb] = {
     "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters, classifiers"),
     "classify": (classify_args, classify, "label passages with a trained classifier"),
     "merge": (merge_args, merge, "fold a LoRA adapter into its base model, save a model folder"),
+    "scaling": (scaling_args, scaling, "train a sweep of sizes, fit scaling laws"),
 }
 
 if __name__ == "__main__":
