@@ -115,6 +115,7 @@ def test_a_rerun_with_other_settings_is_refused(study, capsys):
         (["--data", "no/such/data"], "no prepared data there"),
         (["--sizes", "1M,abc,4M"], "--sizes must be a number"),
         (["--sizes", "1M,2M"], "at least 3 different sizes"),
+        (["--sizes", "1K,2K,3K"], "fewer than 3 different model shapes"),
         (["--minutes", "0"], "--minutes must be positive"),
         (["--minutes", "-3"], "--minutes must be positive"),
         (["--budget-flops", "lots"], "--budget-flops must be a number"),

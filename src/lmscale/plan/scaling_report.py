@@ -21,6 +21,8 @@ EXTRAPOLATE = 10.0
 """L(N) is extrapolated to this multiple of the largest size."""
 BUDGET_MULTIPLE = 100.0
 """Without --budget-flops, the optimal size is named for this multiple of the study's compute."""
+LOW_TOKENS_PER_PARAM = 1.0
+"""Below this many tokens per parameter the report warns (compute-optimal training uses ~20)."""
 
 
 def curves_of(runs: list[dict]) -> list[Curve]:
@@ -71,25 +73,45 @@ def fit_all(runs: list[dict], budget_flops: float | None, context: int, vocab_si
 
 
 def build_results(config, runs: list[dict], study: dict, elapsed_s: float) -> dict:
-    """results.json: the settings, the machine, every run, and the fits."""
+    """results.json: the settings, the machine, every run, and the fits.
+
+    `study_s` is the time the probes and the runs took (each run's by the session that finished
+    it), `elapsed_s` that of this call (short when it reused finished runs).
+    """
     vocab_size = runs[0]["shape"]["vocab_size"]
     fits = fit_all(runs, config.budget_flops, config.context, vocab_size)
+    probes = study.get("probes") or {}
+    study_s = sum(p["wall_s"] for p in probes.values()) + sum(r["wall_s"] for r in runs)
     return {
-        "settings": study["settings"], "plan": study["plan"], "probes": study.get("probes"),
-        "machine": machine(), "elapsed_s": elapsed_s, "runs": runs, "fits": fits,
+        "settings": study["settings"], "plan": study["plan"], "probes": probes,
+        "machine": machine(), "study_s": study_s, "elapsed_s": elapsed_s, "runs": runs,
+        "fits": fits,
     }  # fmt: skip
 
 
 def machine() -> dict:
-    """Where the study ran: processor, cores, threads and the torch build."""
+    """Where this call ran: processor, cores, threads and the torch build (each run's record
+    keeps the threads it trained with)."""
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor()
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
     return {
-        "device": device or platform.machine(), "cpu_count": os.cpu_count(),
+        "device": device, "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "python": platform.python_version(),
     }  # fmt: skip
+
+
+def _cpu_name() -> str:
+    """The processor's model name (from /proc/cpuinfo on Linux), else the platform's word."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _se(law, x: float) -> float | None:
@@ -104,7 +126,7 @@ def format_report(results: dict, out: str) -> str:
     """The study as a few lines: the runs, each fit with its uncertainty, the optimum, warnings."""
     runs, fits = results["runs"], results["fits"]
     lines = [
-        f"scaling study: {len(runs)} sizes in {results['elapsed_s'] / 60:.1f} min, "
+        f"scaling study: {len(runs)} sizes in {results['study_s'] / 60:.1f} min, "
         f"{fits['study_flops']:.3g} training FLOPs",
         "  size    N (non-emb)  total    dim x layers  steps   tokens  tokens/N  FLOPs     "
         "val loss",
@@ -122,7 +144,7 @@ def format_report(results: dict, out: str) -> str:
     )
     lines += _optimal_lines(fits)
     ratio = min(r["tokens_per_param"] for r in runs)
-    if ratio < 1.0:
+    if ratio < LOW_TOKENS_PER_PARAM:
         lines.append(
             f"note: each size trained on only {ratio:.2g} tokens per parameter (compute-optimal "
             "training uses about 20): the fits describe undertrained models; give more --minutes "

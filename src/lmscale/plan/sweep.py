@@ -34,8 +34,6 @@ STUDY_FILE = "study.json"
 RESULT_FILE = "result.json"
 RUNS = "runs"
 PROBE = "probe"
-LOW_TOKENS_PER_PARAM = 1.0
-"""Below this many tokens per parameter a study is warned about (compute-optimal is ~20)."""
 
 
 @dataclass
@@ -214,6 +212,11 @@ def run_study(config: ScalingConfig, progress: bool = True) -> dict:
         )
         for n in config.sizes
     ]
+    if len({size.params for size in sizes}) < 3:
+        raise LmscaleError(
+            f"--sizes {','.join(s.label for s in sizes)} give fewer than 3 different model shapes: "
+            "choose sizes further apart"
+        )
     study = _load_or_plan(config, sizes, start, progress)
     records = []
     for i, size in enumerate(sizes, 1):
@@ -337,6 +340,8 @@ def run_record(
     config: ScalingConfig, size: Size, steps: int, tokens_per_s: float, wall_s: float
 ) -> dict:
     """What results.json keeps of one run: shape, counts, compute and its evaluation curve."""
+    import torch
+
     from lmscale.train.metrics import read_metrics
 
     tokens_per_step = config.batch_size * config.context
@@ -355,6 +360,7 @@ def run_record(
         "warmup_steps": config.warmup_for(steps), "tokens": tokens,
         "tokens_per_param": tokens / size.params, "flops_per_token": flops_per_token,
         "flops": tokens * flops_per_token, "tokens_per_s": tokens_per_s, "wall_s": wall_s,
+        "torch_threads": torch.get_num_threads(),
         "final_loss": curve[-1]["val_loss"], "curve": curve,
     }  # fmt: skip
 
