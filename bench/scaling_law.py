@@ -63,8 +63,10 @@ def print_comparison(results: dict) -> None:
     print("| exponent | this study | " + " | ".join(PUBLISHED) + " |")
     print("|---|---|" + "---|" * len(PUBLISHED))
     names = {"alpha": "alpha (L vs N)", "gamma": "gamma (L vs C, frontier)", "a": "a (N_opt vs C)"}
+    bound = fits["optimal"].get("bound")
     for key, name in names.items():
-        cells = [_cell(ours[key])] + [_cell(paper[key]) for paper in PUBLISHED.values()]
+        mine = _cell(ours[key]) + (f" (N_opt an {bound} bound)" if key == "a" and bound else "")
+        cells = [mine] + [_cell(paper[key]) for paper in PUBLISHED.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     print(
         "\nKaplan et al.'s exponents are of pure power laws (no E term) for models trained to "

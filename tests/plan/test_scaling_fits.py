@@ -106,7 +106,21 @@ def test_approach_1_recovers_the_optimum_of_a_known_law():
     assert best.a == pytest.approx(exponent, abs=0.03)
     assert 0.7 < best.params / true_n < 1.4
     assert best.tokens == pytest.approx(budget / (6 * best.params))
-    assert len(best.winners) >= 8
+    assert len(best.winners) >= 8 and best.bound is None
+
+
+def test_runs_too_short_for_the_optimum_give_an_upper_bound():
+    """Every size stopped at 0.25 tokens per parameter, far below the law's optimum (~20): at
+    each compute the smaller size wins, and N_opt only bounds the optimum from above."""
+    sizes = np.geomspace(5e5, 8e6, 5)
+    curves = []
+    for n in sizes:
+        tokens = np.geomspace(0.025 * n, 0.25 * n, 10)
+        loss = CH_E + CH_A / n**CH_ALPHA + CH_B / tokens**CH_BETA
+        curves.append(Curve(float(n), tuple(6 * n * tokens), tuple(loss)))
+    best = optimal_size(curves, 1e16)
+    assert best.bound == "upper"
+    assert best.a == pytest.approx(0.5, abs=0.1)  # the allocation's own N ~ C^0.5
 
 
 def test_the_frontier_fit_sees_loss_fall_with_compute():

@@ -231,9 +231,14 @@ class OptimalSize:
     """The compute the grid spans (where at least two runs have evaluations)."""
     grid: tuple[tuple[float, float, float], ...]
     """(C, best N, its interpolated loss) at each grid point."""
+    bound: str | None = None
+    """None when the optimum lies inside what the runs sampled; "upper" when the smallest
+    competing size won at every grid point (the optimum is at more tokens per parameter than
+    any run reached, so `params` is at most this), "lower" when the largest always won."""
 
     def as_dict(self) -> dict:
-        out = {key: getattr(self, key) for key in ("G", "a", "budget_flops", "params", "tokens")}
+        keys = ("G", "a", "budget_flops", "params", "tokens", "bound")
+        out = {key: getattr(self, key) for key in keys}
         out |= {"tokens_per_param": self.tokens / self.params, "winners": list(self.winners)}
         out |= {"compute_range": list(self.compute_range), "grid": [list(p) for p in self.grid]}
         return out
@@ -247,12 +252,18 @@ def optimal_size(
     Each run's loss is interpolated linearly in log C between its evaluations; a grid point
     counts where at least two runs have evaluations around it. N_opt = G * C^a is fitted to the
     winners by least squares in (log C, log N) and extrapolated to `budget_flops`.
+
+    NOTE: at one C, a smaller size has trained on more tokens per parameter than a larger one.
+    When the smaller of the competing sizes wins at every grid point, the optimum lies at more
+    tokens per parameter than the runs reached: the fit then traces the study's own allocation
+    (N ~ C^0.5 when every size trains on the same tokens per parameter) and N_opt is only an
+    upper bound, which `bound` says.
     """
     if len({c.params for c in curves}) < 2:
         raise FitError("the compute-optimal size needs runs of at least 2 sizes")
     logs = [np.log(np.asarray(c.flops, dtype=float)) for c in curves]
     lo, hi = min(lc.min() for lc in logs), max(lc.max() for lc in logs)
-    grid, winners = [], []
+    grid, winners, edges = [], [], set()
     for log_c in np.linspace(lo, hi, grid_points):
         inside = [i for i, lc in enumerate(logs) if lc[0] <= log_c <= lc[-1]]
         if len(inside) < 2:
@@ -261,6 +272,7 @@ def optimal_size(
         best = inside[int(np.argmin(losses))]
         grid.append((math.exp(log_c), curves[best].params, min(losses)))
         winners.append(curves[best].params)
+        edges.add(_edge(winners[-1], [curves[i].params for i in inside]))
     distinct = sorted(set(winners))
     if len(distinct) < 2:
         only = f" ({distinct[0]:.3g} parameters)" if distinct else ""
@@ -275,7 +287,15 @@ def optimal_size(
         G=math.exp(log_g), a=float(a), budget_flops=budget_flops, params=params,
         tokens=budget_flops / (6 * params), winners=tuple(distinct),
         compute_range=(grid[0][0], grid[-1][0]), grid=tuple(grid),
+        bound=edges.pop() if len(edges) == 1 else None,
     )  # fmt: skip
+
+
+def _edge(winner: float, competing: list[float]) -> str | None:
+    """Which bound a grid point's winner implies: the smallest competitor an upper one."""
+    if winner == min(competing):
+        return "upper"
+    return "lower" if winner == max(competing) else None
 
 
 def chinchilla_rule_params(budget_flops: float, tokens_per_param: float = 20.0) -> float:

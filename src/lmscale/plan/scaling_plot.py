@@ -68,7 +68,9 @@ def _loss_vs_compute(ax, results: dict) -> None:
     best = fits["optimal"]
     title = "loss vs compute (frontier fit to the budget)"
     if "error" not in best:
-        title += f"\noptimal at {fits['budget_flops']:.2g} FLOPs: N = {fmt_count(best['params'])}"
+        relation = {None: "=", "upper": "<=", "lower": ">="}[best.get("bound")]
+        size = fmt_count(best["params"])
+        title += f"\noptimal at {fits['budget_flops']:.2g} FLOPs: N {relation} {size}"
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
 

@@ -21,6 +21,14 @@ EXTRAPOLATE = 10.0
 """L(N) is extrapolated to this multiple of the largest size."""
 BUDGET_MULTIPLE = 100.0
 """Without --budget-flops, the optimal size is named for this multiple of the study's compute."""
+BOUNDS = {
+    "upper": "an upper bound: at every compute the runs share, the smaller size (trained on "
+    "more tokens per parameter) won, so the optimum lies past the tokens per parameter these "
+    "runs reached and the fit traces the study's own allocation; more --minutes or smaller "
+    "--sizes reach it",
+    "lower": "a lower bound: at every compute the runs share, the larger size won, so the "
+    "optimum lies below the tokens per parameter these runs sampled; larger --sizes reach it",
+}
 LOW_TOKENS_PER_PARAM = 1.0
 """Below this many tokens per parameter the report warns (compute-optimal training uses ~20)."""
 
@@ -193,14 +201,17 @@ def _optimal_lines(fits: dict) -> list[str]:
         ]
     lo, hi = best["compute_range"]
     shape = best["shape"]
+    relation = {None: "=", "upper": "<=", "lower": ">="}[best["bound"]]
     lines = [
         f"compute-optimal size for {budget:.3g} FLOPs (Chinchilla Approach 1, N_opt = "
         f"{best['G']:.3g} C^{best['a']:.3f} from {len(best['winners'])} winning sizes over "
-        f"{lo:.2g}-{hi:.2g} FLOPs): N = {fmt_count(best['params'])} non-embedding "
+        f"{lo:.2g}-{hi:.2g} FLOPs): N {relation} {fmt_count(best['params'])} non-embedding "
         f"({fmt_count(best['params_total'])} total; dim {shape['dim']} x {shape['n_layers']} "
         f"layers), D = C/(6N) = {fmt_count(best['tokens'])} tokens "
         f"({best['tokens_per_param']:.3g} per parameter)",
     ]
+    if best["bound"]:
+        lines.append(f"  {BOUNDS[best['bound']]}")
     at_budget = fits["loss_vs_compute"].get("at_budget")
     if at_budget:
         lines.append(f"  predicted loss at the budget (frontier fit): {_with_se(at_budget)}")
