@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmscale.cli.plan import plan, plan_args
+from lmscale.cli.scaling import scaling, scaling_args
 from lmscale.errors import LmscaleError
 
 EXIT_USER_ERROR = 2
@@ -1016,6 +1017,7 @@ VERBS: dict[str, Verb] = {
         plan,
         "memory, time, cost and energy of training or serving, before it runs",
     ),
+    "scaling": (scaling_args, scaling, "train a sweep of sizes, fit scaling laws"),
 }
 
 if __name__ == "__main__":
