@@ -93,3 +93,15 @@ def test_bad_input_is_one_line_and_exit_2(args, message):
     assert result.returncode == 2
     assert message in result.stderr and result.stderr.count("\n") == 1
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_stops_early_ends_the_plan_quietly():
+    """`lmscale plan ... | head`: the reader closes the pipe; no traceback, the shell's 141."""
+    command = [sys.executable, "-m", "lmscale", "plan", "--model", "llama2-70b", "--gpus", "512",
+               "--all", "--top", "0", "--json"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout.readline().strip() == b"{"
+        process.stdout.close()  # the JSON is far larger than the pipe's buffer
+        stderr = process.stderr.read().decode()
+        assert process.wait() == 141
+    assert stderr == ""

@@ -19,6 +19,8 @@ from lmscale.cli.scaling import scaling, scaling_args
 from lmscale.errors import LmscaleError
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a tool whose reader went away."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -42,7 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = parser.parse_known_args(argv)
         if not getattr(args, "accepts_overrides", False) and extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return args.run(args, extra) or 0
+        code = args.run(args, extra) or 0
+        sys.stdout.flush()  # inside the try: a reader that has gone is handled below
+        return code
+    except BrokenPipeError:
+        # The reader stopped early (`lmscale plan ... | head`): end quietly, as Unix tools do,
+        # with stdout pointed at /dev/null so the interpreter's last flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except LmscaleError as error:
         print(f"lmscale: error: {error}", file=sys.stderr)
         return EXIT_USER_ERROR
