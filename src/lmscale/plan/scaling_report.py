@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import platform
 
 from lmscale.plan.flops import training_flops_per_token
 from lmscale.plan.scaling import (
@@ -98,28 +97,13 @@ def build_results(config, runs: list[dict], study: dict, elapsed_s: float) -> di
 
 
 def machine() -> dict:
-    """Where this call ran: processor, cores, threads and the torch build (each run's record
-    keeps the threads it trained with)."""
-    import torch
+    """Where this call ran, as a run's run_info.json says it: the device the trainer picks, its
+    name, threads, cores and the torch build (each run's record keeps the threads it trained
+    with)."""
+    from lmscale.train.precision import resolve_device
+    from lmscale.train.run_info import describe_machine
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else _cpu_name()
-    return {
-        "device": device, "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-        "python": platform.python_version(),
-    }  # fmt: skip
-
-
-def _cpu_name() -> str:
-    """The processor's model name (from /proc/cpuinfo on Linux), else the platform's word."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return describe_machine(resolve_device("auto"))
 
 
 def _se(law, x: float) -> float | None:
