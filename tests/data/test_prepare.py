@@ -131,6 +131,20 @@ def test_bad_jsonl_line(tmp_path):
 def test_unknown_corpus(tmp_path):
     with pytest.raises(LmscaleError, match="unknown corpus"):
         prepare(str(tmp_path / "missing"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # no folder is made for a corpus that is not there
+
+
+def test_a_bad_corpus_leaves_an_earlier_preparation_whole(small_prepared, tmp_path):
+    before = Manifest.load(small_prepared)
+    files = {path.name: path.read_bytes() for path in small_prepared.iterdir()}
+    with pytest.raises(LmscaleError, match="unknown corpus"):
+        prepare(str(tmp_path / "missing"), small_prepared)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LmscaleError, match="has no .txt/.md files"):
+        prepare(str(empty), small_prepared)
+    assert {path.name: path.read_bytes() for path in small_prepared.iterdir()} == files
+    assert Manifest.load(small_prepared) == before
 
 
 def test_bad_options(tmp_path):

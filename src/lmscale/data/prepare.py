@@ -56,9 +56,11 @@ def prepare(
         The manifest written to `out/manifest.json`.
     """
     _check_options(val_fraction, shard_tokens)
-    out = _clear_output(Path(out))
+    # NOTE: the corpus is read before `out` is touched, so a bad corpus leaves an earlier
+    # preparation there whole (and creates no folder).
     documents = list(iter_documents(corpus))
     splits = split_documents(documents, val_fraction, seed)
+    out = _clear_output(Path(out))
     if tokenizer is None:
         tokenizer = Tokenizer.train((doc.text for doc in splits["train"]), vocab_size)
         tokenizer.save(out / TOKENIZER_FILE)
