@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from lmscale.engine.decode_step import DecodeStep
 from lmscale.engine.generate import continue_ids, stream_text
 from lmscale.engine.sampling import SamplingParams
 from lmscale.errors import LmscaleError
@@ -28,16 +29,17 @@ class ChatSession:
         tokenizer: its tokenizer, which must have a chat template.
         params: sampling parameters of every reply (`max_new_tokens` caps each reply).
         system: an optional system message that starts (and survives `reset` in) the history.
+        step: a compiled decode step of `model` (see `DecodeStep`); None decodes eagerly.
     """
 
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, params: SamplingParams,
-        system: str | None = None,
+        system: str | None = None, step: DecodeStep | None = None,
     ):  # fmt: skip
         if tokenizer.chat_template is None:
             raise LmscaleError("this model has no chat template, so it cannot chat")
         self.model, self.tokenizer, self.params = model, tokenizer, params
-        self.system = system
+        self.system, self.step = system, step
         self.messages: list[dict[str, str]] = []
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []  # the tokens whose keys and values the cache holds
@@ -78,7 +80,7 @@ class ChatSession:
         generated: list[int] = []
         ids = continue_ids(
             self.model, self.cache, prompt[reused:], self.params, budget,
-            self.tokenizer.end_of_turn_ids,
+            self.tokenizer.end_of_turn_ids, self.step,
         )  # fmt: skip
         pieces = []
         for piece in stream_text(_recorded(ids, generated), self.tokenizer.decode):

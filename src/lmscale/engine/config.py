@@ -25,6 +25,12 @@ class EngineConfig:
     """The most requests in the running batch."""
     max_waiting: int = 256
     """The most requests waiting to start; past it, submitting raises `QueueFullError`."""
+    compiled_decode: bool = False
+    """Run decode steps (one token per row) through the compiled `DecodeStep`; prompts are
+    prefilled eagerly. The first step of each batch-size family compiles its graph (seconds with
+    a warm on-disk cache, a minute or more without) unless `LLMEngine.warm_up` ran first."""
+    compiled_decode_verbose: bool = False
+    """Print a line to stderr when the decode step compiles a graph, with its seconds."""
 
     def __post_init__(self) -> None:
         positive = ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs")

@@ -8,6 +8,7 @@ single-query attention, while padding it to a prefill's length would multiply it
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from lmscale.engine.config import EngineConfig
+from lmscale.engine.decode_step import DecodeStep
 from lmscale.engine.detokenize import TextStream
 from lmscale.engine.paged_cache import PagedKVCache, blocks_for
 from lmscale.engine.request import (
@@ -70,7 +72,12 @@ class LLMEngine:
             dtype=param.dtype, device=param.device,
         )  # fmt: skip
         self.scheduler = Scheduler(config, self.cache.allocator)
-        self.runner = ModelRunner(model, self.cache)
+        step = (
+            DecodeStep(model, verbose=config.compiled_decode_verbose)
+            if config.compiled_decode
+            else None
+        )
+        self.runner = ModelRunner(model, self.cache, step)
         self._texts: dict[str, TextStream] = {}
         self._prompt_tokens = self._generated_tokens = 0
 
@@ -155,6 +162,33 @@ class LLMEngine:
         if request is None:
             return None
         return self._finish(request, [], "", [], "abort")
+
+    def warm_up(self, background: bool = False) -> threading.Thread | None:
+        """Compile the decode step's graphs now (no-op without `compiled_decode`).
+
+        Args:
+            background: compile in a daemon thread and return it; decode batches whose graph
+                is not ready yet run eagerly meanwhile, so a server answers from its first second.
+        """
+        step = self.runner.step
+        if step is None:
+            return None
+        pool = self.cache.k[0]
+        shape = (3, *pool.shape[1:])
+
+        def compile_all() -> None:
+            try:
+                step.warm_up(shape, len(self.cache.k), pool.dtype)
+            finally:
+                self.runner.compile_inline = True
+
+        if not background:
+            compile_all()
+            return None
+        self.runner.compile_inline = False
+        thread = threading.Thread(target=compile_all, name="lmscale-compile", daemon=True)
+        thread.start()
+        return thread
 
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

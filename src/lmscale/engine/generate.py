@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from lmscale.engine.decode_step import DecodeStep
 from lmscale.engine.sampling import SamplingParams, sample_next
 from lmscale.errors import LmscaleError
 from lmscale.model import KVCache, Transformer
@@ -13,12 +14,13 @@ from lmscale.model import KVCache, Transformer
 
 def generate_ids(
     model: Transformer, prompt: Sequence[int], params: SamplingParams,
-    stop_ids: Sequence[int] = (),
+    stop_ids: Sequence[int] = (), step: DecodeStep | None = None,
 ) -> Iterator[int]:  # fmt: skip
     """Yield new token ids one at a time.
 
     Stops at `params.max_new_tokens`, at a token in `stop_ids`, or when the model's context is
-    full. The prompt is cut from the left if it leaves no room for a new token.
+    full. The prompt is cut from the left if it leaves no room for a new token. With a compiled
+    `step` (of this model), every token after the first is decoded by it.
     """
     if not prompt:
         raise LmscaleError("the prompt is empty")
@@ -26,13 +28,13 @@ def generate_ids(
     prompt = list(prompt)[-(limit - 1) :] if limit > 1 else list(prompt)[-1:]
     budget = min(params.max_new_tokens, limit - len(prompt))
     cache = model.new_cache(1, len(prompt) + budget)
-    return continue_ids(model, cache, prompt, params, budget, stop_ids)
+    return continue_ids(model, cache, prompt, params, budget, stop_ids, step)
 
 
 @torch.inference_mode()
 def continue_ids(
     model: Transformer, cache: KVCache, new_ids: Sequence[int], params: SamplingParams,
-    budget: int, stop_ids: Sequence[int] = (),
+    budget: int, stop_ids: Sequence[int] = (), step: DecodeStep | None = None,
 ) -> Iterator[int]:  # fmt: skip
     """Feed `new_ids` after what `cache` holds, then yield up to `budget` sampled ids.
 
@@ -43,6 +45,7 @@ def continue_ids(
         params: how to sample.
         budget: the most ids to yield.
         stop_ids: ids that end generation (not yielded, not fed to the model).
+        step: a compiled decode step of `model` for the single-token steps; None: eager.
 
     Yields:
         Sampled ids; each one is fed to the model before the next is sampled (the last is not).
@@ -51,16 +54,26 @@ def continue_ids(
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    tokens = torch.tensor([list(new_ids)], device=device)
-    for _ in range(budget):
-        # NOTE: only the last position's logits are needed; projecting the whole prompt onto the
-        # vocabulary would cost more than the prefill itself for a small model.
-        hidden = model.hidden_states(tokens, cache)[:, -1]  # (1, dim)
-        next_id = int(sample_next(model.output(hidden), params, generator))
+    if budget <= 0:
+        return
+    # NOTE: only the last position's logits are needed; projecting the whole prompt onto the
+    # vocabulary would cost more than the prefill itself for a small model.
+    hidden = model.hidden_states(torch.tensor([list(new_ids)], device=device), cache)[:, -1]
+    logits = model.output(hidden)  # (1, vocab)
+    pools = list(cache.k.unbind(0)), list(cache.v.unbind(0))  # per layer (B, nkv, max_len, hs)
+    for n in range(budget):
+        next_id = int(sample_next(logits, params, generator))
         if next_id in stop_ids:
             return
         yield next_id
-        tokens = torch.tensor([[next_id]], device=device)
+        if n == budget - 1:
+            return  # the last id is not fed back
+        if step is not None:
+            logits = step([next_id], [cache.length], [[0]], *pools, contiguous=True)
+            cache.advance(1)
+        else:
+            tokens = torch.tensor([[next_id]], device=device)
+            logits = model.output(model.hidden_states(tokens, cache)[:, -1])
 
 
 def stream_text(

@@ -129,7 +129,10 @@ class PagedKVCache:
     ):  # fmt: skip
         if n_blocks < 1:
             raise LmscaleError(f"the KV cache needs at least one block, got {n_blocks}")
-        shape = (n_blocks, n_kv_heads, block_size, head_dim)
+        # NOTE: one block more than the allocator hands out: the scratch block, where the padded
+        # rows of a compiled decode step write (nothing ever reads it).
+        shape = (n_blocks + 1, n_kv_heads, block_size, head_dim)
+        self.scratch_block = n_blocks
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.block_size = block_size

@@ -11,17 +11,26 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lmscale.engine.decode_step import DecodeStep
 from lmscale.engine.paged_cache import PagedKVCache, batch_layout
 from lmscale.engine.request import Request
 from lmscale.model import Transformer
 
 
 class ModelRunner:
-    """Runs `model` over batches of requests whose keys and values live in `pool`."""
+    """Runs `model` over batches of requests whose keys and values live in `pool`.
 
-    def __init__(self, model: Transformer, pool: PagedKVCache):
-        self.model, self.pool = model, pool
+    Args:
+        model, pool: the model and its KV pool.
+        step: a compiled decode step of `model`, for batches of one token per row; None: eager.
+    """
+
+    def __init__(self, model: Transformer, pool: PagedKVCache, step: DecodeStep | None = None):
+        self.model, self.pool, self.step = model, pool, step
         self.device = model.tok_embeddings.weight.device
+        self.compile_inline = True
+        """Whether a decode batch whose graph is not compiled yet compiles it now (False while
+        a warm-up thread compiles: such batches run eagerly meanwhile)."""
 
     @torch.inference_mode()
     def run(self, requests: Sequence[Request], n_tokens: Sequence[int]) -> Tensor:
@@ -32,6 +41,12 @@ class ModelRunner:
         Returns:
             (B, vocab) fp32 logits at each request's last computed position.
         """
+        if self._compiled(requests, n_tokens):
+            return self.step(
+                [r.all_ids[r.num_computed] for r in requests],
+                [r.num_computed for r in requests], [r.blocks for r in requests],
+                self.pool.k, self.pool.v, self.pool.scratch_block,
+            )  # fmt: skip
         B, T = len(requests), max(n_tokens)
         tokens = torch.zeros(B, T, dtype=torch.long)  # (B, T), padded with token 0
         for b, (request, n) in enumerate(zip(requests, n_tokens, strict=True)):
@@ -47,3 +62,8 @@ class ModelRunner:
         # NOTE: only the last position of each row is projected onto the vocabulary: for a small
         # model that projection of a whole prompt would cost more than the prefill itself.
         return self.model.output(hidden[torch.arange(B, device=self.device), last]).float()
+
+    def _compiled(self, requests: Sequence[Request], n_tokens: Sequence[int]) -> bool:
+        if self.step is None or max(n_tokens) != 1:
+            return False
+        return self.compile_inline or self.step.is_ready(len(requests))

@@ -263,6 +263,8 @@ class Transformer(nn.Module):
             start = cache.length if cache is not None else 0
             positions = torch.arange(start, start + T, device=tokens.device)  # (T,)
             end = start + T
+        elif torch.compiler.is_compiling():
+            end = 0  # NOTE: the caller of a compiled step checks its positions (no graph break)
         else:
             end = int(positions.max()) + 1  # positions: (B, T)
         if end > self.config.max_seq_len:

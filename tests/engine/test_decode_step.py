@@ -1,0 +1,101 @@
+"""The compiled decode step: the same greedy tokens as the eager path, in every form it runs.
+
+Each test compiles real graphs with inductor (a few seconds each on the tiny models, once per
+graph family and process); the on-disk compile cache goes to a temporary folder.
+"""
+
+import pytest
+import torch
+from engine_helpers import assert_same_greedy, random_prompts, tiny_model
+
+from lmscale.engine import (
+    ChatSession,
+    EngineConfig,
+    GenerationRequest,
+    LLMEngine,
+    RequestParams,
+    SamplingParams,
+    generate_ids,
+)  # fmt: skip
+from lmscale.engine.decode_step import DecodeStep, batch_bucket
+
+LENGTHS = [1, 3, 9, 16, 17, 33, 40, 60]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def compile_cache(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+        yield
+
+
+def greedy(n=20):
+    return RequestParams(temperature=0, max_new_tokens=n, ignore_eos=True)
+
+
+def run_all(engine, prompts, params):
+    """Every prompt at once; with a list of params, one each (so the batch shrinks as they end)."""
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    requests = [GenerationRequest(p, q, str(i)) for i, (p, q) in enumerate(zip(prompts, params))]
+    out = engine.generate(requests)
+    return [out[str(i)].token_ids for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gpt2"])
+def test_compiled_engine_equals_the_eager_engine(name, tiny_tokenizer):
+    model = tiny_model(name)
+    prompts = random_prompts(LENGTHS)
+    params = [greedy(20 - 2 * i) for i in range(len(prompts))]
+    eager = run_all(LLMEngine(model, tiny_tokenizer), prompts, params)
+    compiled_engine = LLMEngine(model, tiny_tokenizer, EngineConfig(compiled_decode=True))
+    compiled = run_all(compiled_engine, prompts, params)
+    for i, (prompt, got, want) in enumerate(zip(prompts, compiled, eager, strict=True)):
+        assert len(got) == 20 - 2 * i
+        assert_same_greedy(model, prompt, got, want)
+    # the batch shrank 8 -> 1 as requests finished: every family ran compiled
+    assert set(compiled_engine.runner.step.compile_seconds) == {(1, False), (4, False), (8, False)}
+
+
+def test_compiled_engine_is_batch_invariant_under_preemption_and_chunked_prefill(tiny_tokenizer):
+    model = tiny_model()
+    prompts = random_prompts(LENGTHS, seed=1)
+    config = EngineConfig(compiled_decode=True, n_blocks=12, max_num_batched_tokens=24)
+    engine = LLMEngine(model, tiny_tokenizer, config)
+    batched = run_all(engine, prompts, greedy())
+    assert engine.scheduler.num_preemptions > 0
+    alone = [run_all(engine, [p], greedy())[0] for p in prompts]
+    assert batched == alone
+
+
+def test_generate_and_chat_with_the_compiled_step_equal_eager(tiny_tokenizer):
+    model = tiny_model()
+    step = DecodeStep(model)
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    for prompt in random_prompts([1, 7, 50]):
+        got = list(generate_ids(model, prompt, params, step=step))
+        want = list(generate_ids(model, prompt, params))
+        assert_same_greedy(model, prompt, got, want)
+    seeded = SamplingParams(temperature=1.0, top_k=20, max_new_tokens=30, seed=3)
+    prompt = random_prompts([5])[0]
+    assert list(generate_ids(model, prompt, seeded, step=step)) == list(
+        generate_ids(model, prompt, seeded)
+    )
+    assert set(step.compile_seconds) == {(1, True)}  # caches of any length share one graph
+
+
+def test_background_warm_up_serves_eagerly_until_the_graphs_are_ready(tiny_tokenizer):
+    model = tiny_model()
+    engine = LLMEngine(model, tiny_tokenizer, EngineConfig(compiled_decode=True))
+    thread = engine.warm_up(background=True)
+    prompts = random_prompts([4, 8])
+    during = run_all(engine, prompts, greedy())  # correct whichever path each step took
+    thread.join()
+    assert all(engine.runner.step.is_ready(n) for n in (1, 2, 3, 4, 5, 8, 30))
+    assert engine.runner.compile_inline
+    after = run_all(engine, prompts, greedy())
+    for prompt, got, want in zip(prompts, after, during, strict=True):
+        assert_same_greedy(model, prompt, got, want)
+
+
+def test_batch_buckets_are_powers_of_two():
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 33)] == [1, 2, 4, 4, 8, 8, 16, 64]
