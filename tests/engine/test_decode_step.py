@@ -5,11 +5,9 @@ graph family and process); the on-disk compile cache goes to a temporary folder.
 """
 
 import pytest
-import torch
 from engine_helpers import assert_same_greedy, random_prompts, tiny_model
 
 from lmscale.engine import (
-    ChatSession,
     EngineConfig,
     GenerationRequest,
     LLMEngine,
@@ -36,7 +34,10 @@ def greedy(n=20):
 def run_all(engine, prompts, params):
     """Every prompt at once; with a list of params, one each (so the batch shrinks as they end)."""
     params = params if isinstance(params, list) else [params] * len(prompts)
-    requests = [GenerationRequest(p, q, str(i)) for i, (p, q) in enumerate(zip(prompts, params))]
+    requests = [
+        GenerationRequest(p, q, str(i))
+        for i, (p, q) in enumerate(zip(prompts, params, strict=True))
+    ]
     out = engine.generate(requests)
     return [out[str(i)].token_ids for i in range(len(prompts))]
 
@@ -67,7 +68,7 @@ def test_compiled_engine_is_batch_invariant_under_preemption_and_chunked_prefill
     assert batched == alone
 
 
-def test_generate_and_chat_with_the_compiled_step_equal_eager(tiny_tokenizer):
+def test_generate_with_the_compiled_step_equals_eager(tiny_tokenizer):
     model = tiny_model()
     step = DecodeStep(model)
     params = SamplingParams(temperature=0, max_new_tokens=30)
