@@ -22,8 +22,12 @@ from lmscale.checkpoint.load import build_model, empty_init
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
 
-# Tensor types we can turn into float32 (all through `gguf.quants.dequantize`).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# Tensor types we can turn into float32 (all through `gguf.quants.dequantize`): those of the
+# common llama.cpp files (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...); not the IQ* and TQ* types.
+SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
 
 # llama.cpp's tensor names -> lmscale's; "{n}" is the layer index.
 GLOBAL_NAMES = {
