@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 from gguf_files import tiny_gguf
+from torch import nn
 
+import lmscale.model.quantized as quantized
 from lmscale.checkpoint.gguf import (
     dequantize,
     load_gguf,
@@ -18,6 +20,7 @@ from lmscale.checkpoint.gguf import (
 )
 from lmscale.checkpoint.registry import resolve_bundled, smollm2_path
 from lmscale.errors import LmscaleError
+from lmscale.model.quantized import QuantizedLinear
 
 gguf = pytest.importorskip("gguf")
 
@@ -115,6 +118,25 @@ def test_greedy_continuation_matches_transformers(ours, reference, prompt):
                 break
             logits = model(torch.tensor([[token]]), cache)
     assert got == expected and len(got) >= 8
+
+
+def test_keep_quantized_bundled_q4_1_is_the_float_load_in_int4(ours, monkeypatch):
+    model, _ = ours
+    kept, gguf_model = load_gguf(smollm2_path(), keep_quantized=True)
+    layers = {n: m for n, m in kept.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 30 * 7 and gguf_model.int4_layers == dict.fromkeys(layers, "float")
+    floats = dict(model.named_modules())
+    for name, layer in layers.items():
+        assert (layer.method, layer.group_size, layer.zero_point) == ("int4", 32, "float")
+        assert torch.equal(layer.dequantize(), floats[name].weight), name
+        # Q4_1's d and m are float16: lmscale's saved format (float16 scales, mins) keeps them
+        assert torch.equal(layer.scales, layer.scales.half().float())
+        assert torch.equal(layer.mins, layer.mins.half().float())
+    assert type(kept.tok_embeddings) is nn.Embedding  # Q8_0, and the tied head with it
+    tokens = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
+    monkeypatch.setattr(quantized, "use_kernels", False)  # the reference path: same weights
+    with torch.no_grad():
+        assert torch.equal(kept(tokens), model(tokens))
 
 
 def test_tokenizer_encodes_hamlet_like_transformers(ours, reference):
