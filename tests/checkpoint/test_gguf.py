@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf_files import tiny_gguf
+from torch import nn
 
+import lmscale.model.quantized as quantized
 from lmscale.checkpoint.gguf import (
     dequantize,
     load_gguf,
@@ -17,6 +20,7 @@ from lmscale.checkpoint.gguf import (
 )
 from lmscale.checkpoint.registry import resolve_bundled, smollm2_path
 from lmscale.errors import LmscaleError
+from lmscale.model.quantized import QuantizedLinear
 
 gguf = pytest.importorskip("gguf")
 
@@ -116,6 +120,25 @@ def test_greedy_continuation_matches_transformers(ours, reference, prompt):
     assert got == expected and len(got) >= 8
 
 
+def test_keep_quantized_bundled_q4_1_is_the_float_load_in_int4(ours, monkeypatch):
+    model, _ = ours
+    kept, gguf_model = load_gguf(smollm2_path(), keep_quantized=True)
+    layers = {n: m for n, m in kept.named_modules() if isinstance(m, QuantizedLinear)}
+    assert len(layers) == 30 * 7 and gguf_model.int4_layers == dict.fromkeys(layers, "float")
+    floats = dict(model.named_modules())
+    for name, layer in layers.items():
+        assert (layer.method, layer.group_size, layer.zero_point) == ("int4", 32, "float")
+        assert torch.equal(layer.dequantize(), floats[name].weight), name
+        # Q4_1's d and m are float16: lmscale's saved format (float16 scales, mins) keeps them
+        assert torch.equal(layer.scales, layer.scales.half().float())
+        assert torch.equal(layer.mins, layer.mins.half().float())
+    assert type(kept.tok_embeddings) is nn.Embedding  # Q8_0, and the tied head with it
+    tokens = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
+    monkeypatch.setattr(quantized, "use_kernels", False)  # the reference path: same weights
+    with torch.no_grad():
+        assert torch.equal(kept(tokens), model(tokens))
+
+
 def test_tokenizer_encodes_hamlet_like_transformers(ours, reference):
     _, gguf_model = ours
     _, ref_tokenizer = reference
@@ -171,8 +194,8 @@ def test_dequantize_q8_0_block_by_hand():
 
 
 def test_dequantize_refuses_unsupported_type():
-    with pytest.raises(LmscaleError, match="blk.0.attn_q.weight.*Q6_K"):
-        dequantize(np.zeros((1, 210), np.uint8), "Q6_K", (1, 256), "tensor 'blk.0.attn_q.weight'")
+    with pytest.raises(LmscaleError, match="blk.0.attn_q.weight.*IQ4_XS.*Q6_K"):
+        dequantize(np.zeros((1, 136), np.uint8), "IQ4_XS", (1, 256), "tensor 'blk.0.attn_q.weight'")
 
 
 @pytest.mark.parametrize("n_heads", [1, 3, 9])
@@ -211,46 +234,8 @@ def test_truncated_file(tmp_path, keep):
         read_gguf(path)
 
 
-def _tiny_gguf(path, architecture="llama", tokenizer_model="gpt2", tensor_type=None, skip=()):
-    """A three-token, one-layer GGUF written with `gguf.GGUFWriter`."""
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_block_count(1)
-    writer.add_context_length(16)
-    writer.add_embedding_length(32)
-    writer.add_feed_forward_length(64)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(1)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model(tokenizer_model)
-    writer.add_token_list(["a", "b", "ab"])
-    writer.add_token_merges(["a b"])
-    shapes = {"token_embd.weight": (3, 32), "output_norm.weight": (32,)}
-    for name, shape in {"attn_q": (32, 32), "attn_k": (16, 32), "attn_v": (16, 32),
-                        "attn_output": (32, 32), "ffn_gate": (64, 32), "ffn_up": (64, 32),
-                        "ffn_down": (32, 64), "attn_norm": (32,), "ffn_norm": (32,)}.items():  # fmt: skip
-        shapes[f"blk.0.{name}.weight"] = shape
-    for name, shape in shapes.items():
-        if name in skip:
-            continue
-        data = np.ones(shape, np.float32)
-        if tensor_type is not None and len(shape) == 2:
-            qtype = gguf.GGMLQuantizationType[tensor_type]
-            try:
-                raw = gguf.quants.quantize(data, qtype)
-            except (gguf.quants.QuantError, NotImplementedError):  # no quantizer: blocks of zeros
-                raw = np.zeros(gguf.quants.quant_shape_to_byte_shape(shape, qtype), np.uint8)
-            writer.add_tensor(name, raw, raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 def test_tiny_gguf_loads(tmp_path):
-    model, gguf_model = load_gguf(_tiny_gguf(tmp_path / "tiny.gguf", tensor_type="Q8_0"))
+    model, gguf_model = load_gguf(tiny_gguf(tmp_path / "tiny.gguf", tensor_type="Q8_0"))
     assert gguf_model.config.n_kv_heads == 1 and gguf_model.config.tie_embeddings
     assert model(torch.tensor([[0, 1]])).shape == (1, 2, 3)
 
@@ -265,7 +250,7 @@ def test_tiny_gguf_loads(tmp_path):
     ],
 )
 def test_tiny_gguf_refused(tmp_path, kwargs, message):
-    path = _tiny_gguf(tmp_path / "bad.gguf", **kwargs)
+    path = tiny_gguf(tmp_path / "bad.gguf", **kwargs)
     with pytest.raises(LmscaleError, match=message) as error:
         read_gguf(path)
     assert "bad.gguf" in str(error.value)

@@ -3,6 +3,9 @@
 A GGUF holds metadata (shape, tokenizer, chat template) and tensors, many of them quantized in
 blocks. We read it with the `gguf` package's `GGUFReader`, dequantize every tensor to float32,
 rename it to lmscale's names and undo the row order llama.cpp gives the query and key weights.
+With `keep_quantized`, the linear layers of the three 4-bit types that are lmscale int4 layouts
+(Q4_0, Q4_1, Q4_K: see `gguf_int4`) load as `QuantizedLinear` modules holding the file's own
+codes instead; every other tensor is dequantized as before.
 Everything is checked before anything is returned: a file either loads whole or raises
 `LmscaleError` naming the file and the problem.
 """
@@ -17,13 +20,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lmscale.checkpoint.gguf_int4 import GROUP_SIZE, ZERO_POINTS, int4_buffers
 from lmscale.checkpoint.gguf_tokenizer import GGUFTokenizer, build_tokenizer
-from lmscale.checkpoint.load import build_model, empty_init
+from lmscale.checkpoint.load import empty_init, fill_model
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
+from lmscale.model.quantized import swap_in_quantized_
 
-# Tensor types we can turn into float32 (all through `gguf.quants.dequantize`).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+# Tensor types we can turn into float32 (all through `gguf.quants.dequantize`): those of the
+# common llama.cpp files (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...); not the IQ* and TQ* types.
+SUPPORTED_TYPES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+)  # fmt: skip
 
 # llama.cpp's tensor names -> lmscale's; "{n}" is the layer index.
 GLOBAL_NAMES = {
@@ -51,7 +60,8 @@ class GGUFModel:
     config: ModelConfig
     """The model's shape, from the `llama.*` metadata."""
     state_dict: dict[str, Tensor]
-    """float32 weights under lmscale's names (`output.weight` is the embedding when tied)."""
+    """float32 weights under lmscale's names (`output.weight` is the embedding when tied),
+    and the int4 layers' buffers (see `int4_layers`)."""
     tokenizer: Any
     """A Hugging Face `tokenizers.Tokenizer` built from the `tokenizer.ggml.*` metadata."""
     bos_token: str | None
@@ -62,16 +72,22 @@ class GGUFModel:
     chat_template: str | None
     metadata: dict[str, str] = field(default_factory=dict)
     """The file's `general.*` strings (name, license, ...)."""
+    int4_layers: dict[str, str] = field(default_factory=dict)
+    """Linear layers kept as int4 (`keep_quantized`): module name -> zero point ("int" for
+    Q4_0, "float" for Q4_1 and Q4_K); `state_dict` holds their `QuantizedLinear` buffers
+    (`<name>.qweight`, `.scales`, `.mins` or `.zeros`) instead of `<name>.weight`."""
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
+def read_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     """Read a GGUF file of the llama architecture with a byte-level BPE ("gpt2") tokenizer.
 
     Args:
         path: the .gguf file.
+        keep_quantized: keep the Q4_0, Q4_1 and Q4_K linear weights as int4 codes (group 32,
+            exactly the file's values) rather than dequantizing them; see `GGUFModel.int4_layers`.
 
     Returns:
-        The config, float32 state dict, tokenizer, special tokens, chat template and metadata.
+        The config, state dict, tokenizer, special tokens, chat template and metadata.
 
     Raises:
         LmscaleError: the file is missing, truncated or corrupt, or holds something unsupported
@@ -86,27 +102,34 @@ def read_gguf(path: str | Path) -> GGUFModel:
     tokenizer = build_tokenizer(meta, path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, path, len(tokenizer.tokens), tied="output.weight" not in tensors)
-    state = _state_dict(tensors, config, path)
-    return _assemble(config, state, tokenizer, meta)
+    state, int4_layers = _state_dict(tensors, config, path, keep_quantized)
+    return _assemble(config, state, int4_layers, tokenizer, meta)
 
 
 def load_gguf(
     path: str | Path,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    keep_quantized: bool = False,
 ) -> tuple[Transformer, GGUFModel]:
     """A ready-to-run model from a GGUF file (weights loaded strictly, eval mode).
 
     Args:
         path: the .gguf file.
         device: where the model goes.
-        dtype: a floating dtype (or its name) to cast to; None keeps float32.
+        dtype: a floating dtype (or its name) to cast to; None keeps float32 (and the int4
+            layers' float32 scales, which hold Q4_K's exactly).
+        keep_quantized: make the Q4_0, Q4_1 and Q4_K linear layers int4 `QuantizedLinear`
+            modules (group 32; Q4_0 with zero point 8, the others with a float minimum) whose
+            dequantized weights are exactly the float load's; the token embedding and every
+            other type stay float.
 
     Returns:
         (model, everything else the file holds, see `read_gguf`).
     """
-    gguf_model = read_gguf(path)
-    return build_model(gguf_model.config, gguf_model.state_dict, device, dtype), gguf_model
+    gguf_model = read_gguf(path, keep_quantized)
+    model = _empty_model(gguf_model.config, gguf_model.int4_layers)
+    return fill_model(model, gguf_model.state_dict, device, dtype), gguf_model
 
 
 def permute_rope(weight: Tensor, n_heads: int) -> Tensor:
@@ -268,12 +291,25 @@ def _check_rope(meta: dict, path: Path) -> None:
         raise LmscaleError(f"{path}: RoPE scaling '{scaling}' is not supported")
 
 
-def _state_dict(tensors: dict, config: ModelConfig, path: Path) -> dict[str, Tensor]:
-    """Every tensor dequantized, renamed, checked against the model's shapes, q/k unpermuted."""
+def _empty_model(config: ModelConfig, int4_layers: dict[str, str]) -> Transformer:
+    """A `Transformer` on the meta device with an empty int4 layer at each of `int4_layers`."""
+    with empty_init():
+        model = Transformer(config)
+        for zero_point in ("int", "float"):
+            names = [name for name, zero in int4_layers.items() if zero == zero_point]
+            swap_in_quantized_(model, names, "int4", GROUP_SIZE, zero_point)
+    return model
+
+
+def _state_dict(
+    tensors: dict, config: ModelConfig, path: Path, keep_quantized: bool
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Every tensor renamed, checked against the model's shapes, dequantized (or kept as int4
+    codes), q/k unpermuted; and the int4 layers' zero points by module name."""
     with empty_init():  # shapes and names only, no memory
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     _check_rope_freqs(tensors, path)
-    state = {}
+    state, int4_layers, loaded = {}, {}, set()
     for gguf_name, tensor in tensors.items():
         if gguf_name == "rope_freqs.weight":
             continue
@@ -281,18 +317,46 @@ def _state_dict(tensors: dict, config: ModelConfig, path: Path) -> dict[str, Ten
         if name is None or name not in expected:
             raise LmscaleError(f"{path}: unexpected tensor '{gguf_name}'")
         label = f"{path}: tensor '{gguf_name}'"
-        weight = dequantize(tensor.data, tensor.tensor_type.name, expected[name], label)
-        if name.endswith("wq.weight"):
-            weight = unpermute_rope(weight, config.n_heads)
-        elif name.endswith("wk.weight"):
-            weight = unpermute_rope(weight, config.n_kv_heads)
-        state[name] = weight
+        entries, zero_point = _load_tensor(tensor, name, expected[name], config, label,
+                                           keep_quantized)  # fmt: skip
+        state |= entries
+        if zero_point is not None:
+            int4_layers[name.removesuffix(".weight")] = zero_point
+        loaded.add(name)
     if config.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
-    missing = [name for name in expected if name not in state]
+        loaded.add("output.weight")
+    missing = [name for name in expected if name not in loaded]
     if missing:
         raise LmscaleError(f"{path}: missing tensors for {', '.join(missing[:3])}")
-    return state
+    return state, int4_layers
+
+
+def _load_tensor(
+    tensor, name: str, shape: tuple[int, ...], config: ModelConfig, label: str, keep_quantized: bool
+) -> tuple[dict[str, Tensor], str | None]:
+    """One tensor's state dict entries: its float weight (and None), or, kept as int4, its
+    layer's `QuantizedLinear` buffers (and the layer's zero point)."""
+    type_name = tensor.tensor_type.name
+    linear = len(shape) == 2 and name != "tok_embeddings.weight"  # the other 2-D weights
+    if not (keep_quantized and linear and type_name in ZERO_POINTS):
+        weight = dequantize(tensor.data, type_name, shape, label)
+        return {name: _rope_rows(weight, name, config)}, None
+    module = name.removesuffix(".weight")
+    buffers = int4_buffers(tensor.data, type_name, shape, label)
+    # NOTE: each buffer has one row per output feature, so q/k rows unpermute as the weight's
+    entries = {f"{module}.{key}": _rope_rows(rows, name, config) for key, rows in buffers.items()}
+    return entries, ZERO_POINTS[type_name]
+
+
+def _rope_rows(rows: Tensor, name: str, config: ModelConfig) -> Tensor:
+    """`rows` (a weight, or an int4 layer's buffer: one row per output) of tensor `name` in
+    lmscale's row order: llama.cpp's query and key rows unpermuted, any other left as it is."""
+    if name.endswith("wq.weight"):
+        return unpermute_rope(rows, config.n_heads)
+    if name.endswith("wk.weight"):
+        return unpermute_rope(rows, config.n_kv_heads)
+    return rows
 
 
 def _lmscale_name(gguf_name: str, n_layers: int) -> str | None:
@@ -317,7 +381,7 @@ def _check_rope_freqs(tensors: dict, path: Path) -> None:
         raise LmscaleError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
 
 
-def _assemble(config, state, tokenizer: GGUFTokenizer, meta: dict) -> GGUFModel:
+def _assemble(config, state, int4_layers, tokenizer: GGUFTokenizer, meta: dict) -> GGUFModel:
     general = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, str)}
     return GGUFModel(
         config=config,
@@ -329,4 +393,5 @@ def _assemble(config, state, tokenizer: GGUFTokenizer, meta: dict) -> GGUFModel:
         add_bos=tokenizer.add_bos,
         chat_template=tokenizer.chat_template,
         metadata=general,
+        int4_layers=int4_layers,
     )

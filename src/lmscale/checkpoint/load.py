@@ -64,7 +64,29 @@ def build_model(
     Returns:
         The model.
     """
-    model = empty_model(config, quantization)
+    return fill_model(empty_model(config, quantization), state, device, dtype)
+
+
+def fill_model(
+    model: Transformer,
+    state: dict[str, Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> Transformer:
+    """`model`, built empty on the meta device (`empty_model`), holding `state`, in eval mode.
+
+    For a loader whose layers are not one `quantization` record (a GGUF mixing int4 layouts
+    and float layers swaps its own `QuantizedLinear` modules in first).
+
+    Args:
+        model: a `Transformer` on the meta device; its modules decide the names and shapes.
+        state: every tensor it holds, checked strictly (the tied `output.weight` included).
+        device, dtype: as for `build_model`.
+
+    Returns:
+        The same model, on `device`.
+    """
+    config = model.config
     # NOTE: contiguous, as copying into fresh parameters would make them: a transposed view
     # (GPT-2's Conv1D weights) gives matmuls of other rounding.
     state = {name: _aligned(tensor.contiguous()) for name, tensor in state.items()}

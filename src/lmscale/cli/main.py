@@ -253,6 +253,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    _keep_quantized_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.epilog = (
         "Definition: the text is tokenized once and cut into non-overlapping windows of --context "
@@ -267,7 +268,9 @@ def evaluate(args: argparse.Namespace, _: list[str]) -> None:
 
     if args.context < 2 or args.batch_size < 1:
         raise LmscaleError("--context must be at least 2 and --batch-size at least 1")
-    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    model, tokenizer = load_pretrained(
+        args.model, resolve_device(args.device), keep_quantized=args.keep_quantized
+    )
     tokens = _eval_tokens(args, tokenizer)
     context = min(args.context, model.config.max_seq_len)
     result = evaluate_tokens(model, tokens, context, args.batch_size)
@@ -310,6 +313,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
+    _keep_quantized_arg(p)
 
 
 def generate(args: argparse.Namespace, _: list[str]) -> None:
@@ -322,7 +326,9 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
     )  # fmt: skip
-    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    model, tokenizer = load_pretrained(
+        args.model, resolve_device(args.device), keep_quantized=args.keep_quantized
+    )
     _apply_adapter(model, args.adapter)
     decode_layout_(model)
     ids = generate_ids(
@@ -337,6 +343,15 @@ def generate(args: argparse.Namespace, _: list[str]) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _keep_quantized_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-quantized",
+        action="store_true",
+        help="a .gguf's Q4_0, Q4_1 and Q4_K linear layers stay int4 (the file's own weights, "
+        "run by the int4 kernels) instead of being dequantized to float32",
+    )
 
 
 def _apply_adapter(model, adapter: str | None) -> None:
@@ -359,6 +374,7 @@ def chat_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
+    _keep_quantized_arg(p)
     p.epilog = "One message per line on stdin; /reset clears the history, /exit (or EOF) ends."
 
 
@@ -372,7 +388,9 @@ def chat(args: argparse.Namespace, _: list[str]) -> None:
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         max_new_tokens=args.max_new_tokens, seed=args.seed,
     )  # fmt: skip
-    model, tokenizer = load_pretrained(args.model, resolve_device(args.device))
+    model, tokenizer = load_pretrained(
+        args.model, resolve_device(args.device), keep_quantized=args.keep_quantized
+    )
     _apply_adapter(model, args.adapter)
     session = ChatSession(decode_layout_(model), tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
@@ -794,6 +812,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    _keep_quantized_arg(p)
     p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the batch")
     p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it, 429")
     p.add_argument("--kv-cache-mb", type=int, default=256, help="memory for the KV-cache pool")
@@ -822,7 +841,7 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
         ServeOptions(
             model=args.model, host=args.host, port=args.port, api_key=args.api_key,
             dtype=args.dtype, device=args.device, served_name=args.served_model_name,
-            drain_s=args.drain_s,
+            drain_s=args.drain_s, keep_quantized=args.keep_quantized,
             engine=engine,
         )
     )  # fmt: skip

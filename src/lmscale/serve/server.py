@@ -22,6 +22,8 @@ class ServeOptions:
     device: str = "cpu"
     served_name: str | None = None
     drain_s: float = 30.0
+    keep_quantized: bool = False
+    """A .gguf's Q4_0, Q4_1 and Q4_K linears stay int4 (see `lmscale.checkpoint.load_gguf`)."""
     engine: EngineConfig | None = None
 
 
@@ -32,7 +34,10 @@ def build_app(options: ServeOptions):
     from lmscale.model import decode_layout_
     from lmscale.serve.app import create_app
 
-    model, tokenizer = load_pretrained(options.model, device=options.device, dtype=options.dtype)
+    model, tokenizer = load_pretrained(
+        options.model, device=options.device, dtype=options.dtype,
+        keep_quantized=options.keep_quantized,
+    )  # fmt: skip
     decode_layout_(model)  # fp32 matrix-vector products run faster column-major (see layout.py)
     engine = AsyncEngine(model, tokenizer, options.engine)
     name = options.served_name or os.path.basename(os.path.normpath(options.model))
