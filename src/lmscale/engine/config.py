@@ -1,4 +1,4 @@
-"""The serving engine's knobs: memory for the KV pool, the per-step budgets, the queue bound."""
+"""The serving engine's knobs: the KV pool, prefix caching, the step budgets, the queue bound."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class EngineConfig:
     """The most requests in the running batch."""
     max_waiting: int = 256
     """The most requests waiting to start; past it, submitting raises `QueueFullError`."""
+    enable_prefix_caching: bool = True
+    """Keep full KV blocks keyed by their prefix and reuse them for later requests that start
+    with the same tokens (shared system prompts, earlier chat turns) instead of recomputing them."""
 
     def __post_init__(self) -> None:
         positive = ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs")
