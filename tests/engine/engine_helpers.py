@@ -2,6 +2,7 @@
 
 import torch
 
+from lmscale.engine import GenerationRequest, RequestParams
 from lmscale.model import Transformer, preset
 
 
@@ -32,3 +33,14 @@ def assert_same_greedy(model, prompt, got, want, tolerance=1e-3):
     top2 = logits.topk(2).values
     gap = float(top2[0] - top2[1])
     assert gap < tolerance, f"token {i} differs ({got[i]} vs {want[i]}) with a top-2 gap of {gap}"
+
+
+def greedy(max_new_tokens=24, **kw):
+    return RequestParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True, **kw)
+
+
+def run_all(engine, prompts, params):
+    """Every prompt submitted at once; the completions in submission order."""
+    requests = [GenerationRequest(p, params, str(i)) for i, p in enumerate(prompts)]
+    out = engine.generate(requests)
+    return [out[str(i)] for i in range(len(prompts))]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from engine_helpers import assert_same_greedy, random_prompts, tiny_model
+from engine_helpers import assert_same_greedy, greedy, random_prompts, run_all, tiny_model
 
 from lmscale.engine import (
     EngineConfig,
@@ -16,17 +16,6 @@ from lmscale.engine import (
 from lmscale.errors import LmscaleError
 
 LENGTHS = [1, 2, 3, 5, 7, 9, 12, 15, 16, 17, 23, 31, 33, 40, 47, 60]  # 16 prompts
-
-
-def greedy(max_new_tokens=24, **kw):
-    return RequestParams(temperature=0, max_new_tokens=max_new_tokens, ignore_eos=True, **kw)
-
-
-def run_all(engine, prompts, params):
-    """Every prompt submitted at once; the completions in submission order."""
-    requests = [GenerationRequest(p, params, str(i)) for i, p in enumerate(prompts)]
-    out = engine.generate(requests)
-    return [out[str(i)] for i in range(len(prompts))]
 
 
 def run_alone(model, tokenizer, prompts, params, config=None):
@@ -50,10 +39,13 @@ def test_sixteen_concurrent_greedy_requests_equal_one_at_a_time(name, tiny_token
     assert [o.token_ids for o in batched] == [o.token_ids for o in alone]
 
 
-def test_preemption_under_a_tiny_block_budget_keeps_greedy_outputs(tiny_tokenizer):
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_preemption_under_a_tiny_block_budget_keeps_greedy_outputs(prefix_caching, tiny_tokenizer):
     model = tiny_model()
     prompts = random_prompts(LENGTHS[::2])
-    config = EngineConfig(block_size=4, n_blocks=24)  # 96 positions for 8 requests of up to 71
+    # 96 positions for 8 requests of up to 71; with prefix caching, a resumed request finds the
+    # blocks it computed before it was preempted, if they were not evicted meanwhile
+    config = EngineConfig(block_size=4, n_blocks=24, enable_prefix_caching=prefix_caching)
     engine = LLMEngine(model, tiny_tokenizer, config)
     batched = run_all(engine, prompts, greedy())
     assert engine.scheduler.num_preemptions > 0

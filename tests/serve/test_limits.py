@@ -125,6 +125,19 @@ def test_metrics_count_requests_tokens_and_latencies(url):
     assert metric(url, "lmscale_kv_blocks_total") > 0
 
 
+def test_metrics_report_prefix_cache_hits_of_a_shared_prompt(url):
+    counts = ("lmscale_prefix_cache_queries_total", "lmscale_prefix_cache_hits_total")
+    before = [metric(url, name) for name in counts]
+    shared = [3 + (7 * i) % 500 for i in range(40)]  # ids no other test sends
+    for tail in ([11, 12, 13], [21, 22, 23]):
+        body = COMPLETION | {"prompt": shared + tail, "temperature": 0}
+        assert post(url, "/v1/completions", body).status_code == 200
+    queries, hits = (metric(url, name) - b for name, b in zip(counts, before, strict=True))
+    assert (queries, hits) == (2 * 43, 32)  # the second found 2 full blocks of 16
+    total_queries, total_hits = (metric(url, name) for name in counts)
+    assert metric(url, "lmscale_prefix_cache_hit_rate") == pytest.approx(total_hits / total_queries)
+
+
 def test_sigterm_finishes_the_stream_in_flight_then_exits(tiny, tmp_path):
     model, tokenizer = tiny
     folder = save_model_dir(

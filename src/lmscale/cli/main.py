@@ -817,6 +817,10 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it, 429")
     p.add_argument("--kv-cache-mb", type=int, default=256, help="memory for the KV-cache pool")
     p.add_argument(
+        "--no-prefix-caching", action="store_true",
+        help="compute every prompt in full instead of reusing cached KV blocks of its prefix",
+    )  # fmt: skip
+    p.add_argument(
         "--drain-s", type=float, default=30.0, help="on SIGTERM, finish requests for this long"
     )
 
@@ -835,7 +839,7 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
     resolve_device(args.device)  # a missing GPU is a one-line error, not a traceback
     engine = EngineConfig(
         max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-        kv_cache_bytes=args.kv_cache_mb * 2**20,
+        kv_cache_bytes=args.kv_cache_mb * 2**20, enable_prefix_caching=not args.no_prefix_caching,
     )  # fmt: skip
     run_server(
         ServeOptions(

@@ -1,4 +1,4 @@
-"""The serving engine's knobs: memory for the KV pool, the per-step budgets, the queue bound."""
+"""The serving engine's knobs: the KV pool, prefix caching, the step budgets, the queue bound."""
 
 from __future__ import annotations
 
@@ -31,6 +31,9 @@ class EngineConfig:
     a warm on-disk cache, a minute or more without) unless `LLMEngine.warm_up` ran first."""
     compiled_decode_verbose: bool = False
     """Print a line to stderr when the decode step compiles a graph, with its seconds."""
+    enable_prefix_caching: bool = True
+    """Keep full KV blocks keyed by their prefix and reuse them for later requests that start
+    with the same tokens (shared system prompts, earlier chat turns) instead of recomputing them."""
 
     def __post_init__(self) -> None:
         positive = ("block_size", "kv_cache_bytes", "max_num_batched_tokens", "max_num_seqs")

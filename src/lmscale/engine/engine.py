@@ -50,6 +50,11 @@ class EngineStats:
     """Prompt tokens of the requests admitted since the engine started."""
     generation_tokens_total: int
     """Tokens generated since the engine started."""
+    prefix_cache_queries: int
+    """Tokens of the requests admitted since the engine started, looked up in the prefix cache
+    (0 with prefix caching off)."""
+    prefix_cache_hits: int
+    """Of those, tokens found cached: their keys and values were reused, not computed."""
 
 
 class LLMEngine:
@@ -212,6 +217,7 @@ class LLMEngine:
             logits = self.runner.run(requests, n_tokens)  # (B, vocab)
             for request, n, row in zip(requests, n_tokens, logits, strict=True):
                 request.num_computed += n
+                self.scheduler.cache_full_blocks(request)
                 if request.num_computed == request.num_tokens:  # else: a prompt chunk
                     outputs.append(self._next_token(request, row))
         return outputs
@@ -261,6 +267,7 @@ class LLMEngine:
             len(self.scheduler.waiting), len(self.scheduler.running), allocator.n_used,
             allocator.n_blocks, self.config.block_size, self.scheduler.num_preemptions,
             self._prompt_tokens, self._generated_tokens,
+            self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits,
         )  # fmt: skip
 
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:

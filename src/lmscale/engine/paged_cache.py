@@ -14,10 +14,20 @@ For a forward pass over several sequences, `PagedKVCache.view` gives an object w
 needs no paged code: `update` writes each row's new keys into its blocks, then gathers each row's
 blocks into a padded (B, nkv, S, hs) tensor and a mask that shows every query only its own row's
 keys at or before its position.
+
+With prefix caching, several sequences may hold the same full block (a shared prompt): each block
+has a reference count, and a full block whose last holder leaves keeps its contents and its key
+(see `prefix_cache.py`) on an LRU list until its space is needed, so a later request can take it
+back instead of recomputing it:
+
+    held (refcount >= 1)  --free, refcount 0-->  evictable, LRU order (if it has a key)
+                                                 free list               (if not)
+    allocate: the free list first, then the least recently used evictable block (its key dropped)
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -27,31 +37,104 @@ from lmscale.errors import LmscaleError
 
 
 class BlockAllocator:
-    """Hands out block ids from a free list; knows nothing of tensors."""
+    """Owns the block ids: who holds each (a reference count) and which full blocks hold a known
+    prefix (their key), kept after their last holder leaves until their space is needed.
+
+    `n_free` counts every block a request could be given: plain free ones and evictable ones.
+
+    Args:
+        n_blocks: the pool's size.
+    """
 
     def __init__(self, n_blocks: int):
         self.n_blocks = n_blocks
         # NOTE: a stack; freed blocks are reused first, which keeps the touched memory small.
         self._free = list(range(n_blocks - 1, -1, -1))
+        self._refs = [0] * n_blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # refcount 0, keyed; oldest first
+        self._by_key: dict[bytes, int] = {}
+        self._entries: dict[int, tuple[bytes, tuple[int, ...]]] = {}  # block -> (key, tokens)
+        self.num_evictions = 0
+        """Cached blocks whose contents were given up for new ones, since the start."""
 
     @property
     def n_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._evictable)
 
     @property
     def n_used(self) -> int:
-        return self.n_blocks - len(self._free)
+        return self.n_blocks - self.n_free
+
+    @property
+    def n_cached(self) -> int:
+        """Blocks that hold a key, held or not."""
+        return len(self._by_key)
+
+    def refcount(self, block: int) -> int:
+        return self._refs[block]
 
     def allocate(self, n: int) -> list[int]:
-        """Take `n` blocks; the caller checks `n_free` first."""
-        if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks, {len(self._free)} free")
-        taken = self._free[len(self._free) - n :]
-        del self._free[len(self._free) - n :]
-        return taken[::-1]
+        """Take `n` blocks, each with refcount 1; the caller checks `n_free` first."""
+        if n > self.n_free:
+            raise RuntimeError(f"asked for {n} KV blocks, {self.n_free} free")
+        plain = min(n, len(self._free))
+        taken = self._free[len(self._free) - plain :][::-1]
+        del self._free[len(self._free) - plain :]
+        taken += [self._evict() for _ in range(n - plain)]
+        for block in taken:
+            self._refs[block] = 1
+        return taken
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one reference to each block; a block nobody holds any more becomes free."""
+        # NOTE: last block first, so a sequence's tail is evicted before its head: block i is
+        # useless without blocks 0..i-1, and a shared head is the likeliest to be asked for again.
+        for block in reversed(blocks):
+            if self._refs[block] < 1:
+                raise RuntimeError(f"KV block {block} freed more often than taken")
+            self._refs[block] -= 1
+            if self._refs[block] > 0:
+                continue
+            if block in self._entries:
+                self._evictable[block] = None  # the most recently used end
+            else:
+                self._free.append(block)
+
+    def share(self, blocks: list[int]) -> list[int]:
+        """Add a reference to each block (held or evictable); returns `blocks`."""
+        for block in blocks:
+            if self._refs[block] == 0:
+                if block not in self._evictable:
+                    raise RuntimeError(f"KV block {block} is free: there is nothing to share")
+                del self._evictable[block]
+            self._refs[block] += 1
+        return blocks
+
+    def lookup(self, key: bytes, tokens: tuple[int, ...]) -> int | None:
+        """The cached block with this key and these tokens, or None (the caller shares it)."""
+        block = self._by_key.get(key)
+        # NOTE: the tokens are compared too, so even a hash collision could not serve a wrong block.
+        if block is None or self._entries[block][1] != tokens:
+            return None
+        return block
+
+    def cache(self, block: int, key: bytes, tokens: tuple[int, ...]) -> bool:
+        """Offer a held, full, computed block under `key`; False if the key already has a block
+        (two requests computed the same prefix: the first one stays) or this block has a key."""
+        if self._refs[block] < 1:
+            raise RuntimeError(f"KV block {block} is not held: its contents are not known")
+        if key in self._by_key or block in self._entries:
+            return False
+        self._by_key[key] = block
+        self._entries[block] = (key, tokens)
+        return True
+
+    def _evict(self) -> int:
+        block, _ = self._evictable.popitem(last=False)
+        key, _ = self._entries.pop(block)
+        del self._by_key[key]
+        self.num_evictions += 1
+        return block
 
 
 def blocks_for(n_tokens: int, block_size: int) -> int:

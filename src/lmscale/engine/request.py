@@ -108,6 +108,8 @@ class Request:
 
     `num_computed` of its tokens (prompt, then output) have keys and values in its `blocks`; the
     scheduler gives it `len(all_ids) - num_computed` more to compute (1 once it is decoding).
+    `block_keys[i]` is the prefix-cache key of `blocks[i]`, for its leading full blocks that were
+    found in or offered to the prefix cache (see `prefix_cache.py`).
     """
 
     request_id: str
@@ -117,6 +119,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    block_keys: list[bytes] = field(default_factory=list)
     status: Status = Status.WAITING
     generator: torch.Generator | None = None
 

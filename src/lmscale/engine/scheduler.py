@@ -9,7 +9,11 @@ nothing else tells them apart. Each step:
    is dry the newest running request is preempted: its blocks are freed and it goes back to the
    front of the queue, to be recomputed later from prompt + output so far (never failed);
 2. then, if nobody was preempted, waiting requests in arrival order while the token budget,
-   the batch size and the free blocks allow.
+   the batch size and the free blocks allow. With prefix caching, a request admitted first takes
+   the cached blocks of its longest cached prefix (`prefix_cache.py`) and computes only the rest.
+
+Blocks are given back by reference (`BlockAllocator.free`): a block shared with another request
+stays, and a cached one stays findable until its space is needed.
 
 Requests leave `running` the step they finish (`finish`) or are aborted (`abort`).
 """
@@ -21,6 +25,7 @@ from dataclasses import dataclass, field
 
 from lmscale.engine.config import EngineConfig
 from lmscale.engine.paged_cache import BlockAllocator, blocks_for
+from lmscale.engine.prefix_cache import PrefixCache
 from lmscale.engine.request import Request, Status
 
 
@@ -50,6 +55,14 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache = (
+            PrefixCache(allocator, config.block_size) if config.enable_prefix_caching else None
+        )
+        self.prefix_cache_queries = 0
+        """Tokens of the requests admitted so far (each admission counts: a preempted request's
+        tokens count again when it resumes)."""
+        self.prefix_cache_hits = 0
+        """Of those, tokens found in the prefix cache instead of being computed."""
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -74,15 +87,25 @@ class Scheduler:
             return batch  # no room to grow: admitting more would only preempt again
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens, budget)
-            if not self._reserve(request, n):
+            self._take_cached_prefix(request)
+            n = min(request.num_tokens - request.num_computed, budget)
+            if not self._reserve(request, request.num_computed + n):
+                self._release(request)  # it waits holding nothing, its cached blocks included
+                request.num_computed = 0
                 break  # first come, first served: nobody overtakes the head of the queue
             self.waiting.popleft()
+            self._count_prefix_hits(request)
             request.status = Status.RUNNING
             self.running.append(request)
             batch.add(request, n)
             budget -= n
         return batch
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Offer `request`'s blocks that became full to the prefix cache; call it each time
+        `request.num_computed` advances (a no-op with prefix caching off)."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.register(request)
 
     def finish(self, request: Request) -> None:
         """Take a finished request out of the batch and free its blocks."""
@@ -120,6 +143,19 @@ class Scheduler:
         self.waiting.appendleft(request)
         self.num_preemptions += 1
 
+    def _take_cached_prefix(self, request: Request) -> None:
+        """Start a waiting request on the cached blocks of its longest cached prefix, if any."""
+        if self.prefix_cache is None:
+            return
+        blocks, keys = self.prefix_cache.match(request.all_ids)
+        request.blocks, request.block_keys = self.allocator.share(blocks), keys
+        request.num_computed = len(blocks) * self.config.block_size
+
+    def _count_prefix_hits(self, request: Request) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += request.num_computed
+
     def _release(self, request: Request) -> None:
         self.allocator.free(request.blocks)
-        request.blocks = []
+        request.blocks, request.block_keys = [], []

@@ -47,7 +47,7 @@ def create_app(
 ) -> FastAPI:  # fmt: skip
     """The ASGI app serving `engine`'s model under the name `model_name`."""
     app = FastAPI(title="lmscale", version="0.1.0")
-    metrics = ServerMetrics(lambda: _gauges(engine))
+    metrics = ServerMetrics(lambda: _engine_stats(engine))
     api = _Api(engine, model_name, metrics)
     install_handlers(app)
 
@@ -94,11 +94,14 @@ def create_app(
     return app
 
 
-def _gauges(engine: AsyncEngine) -> dict[str, int]:
+def _engine_stats(engine: AsyncEngine) -> dict[str, int]:
+    """The engine's numbers that /metrics exports, by metric name less `lmscale_`."""
     stats = engine.stats()
     return {
         "queue_depth": stats.num_waiting, "running_requests": stats.num_running,
         "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
+        "prefix_cache_queries": stats.prefix_cache_queries,
+        "prefix_cache_hits": stats.prefix_cache_hits,
     }  # fmt: skip
 
 

@@ -5,18 +5,53 @@ lmscale_prompt_tokens_total, lmscale_generation_tokens_total
 lmscale_time_to_first_token_seconds             histogram, from arrival to the first token
 lmscale_inter_token_latency_seconds             histogram, between consecutive tokens
 lmscale_queue_depth, lmscale_running_requests, lmscale_kv_blocks_used, lmscale_kv_blocks_total
+lmscale_prefix_cache_queries_total              tokens of admitted requests, looked up in the
+                                                prefix cache (a resumed preempted request again)
+lmscale_prefix_cache_hits_total                 of those, tokens found cached (not computed)
+lmscale_prefix_cache_hit_rate                   hits / queries since the start (0 before any)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
 
 
+class _EngineCounters(Collector):
+    """Totals the engine keeps itself, read at each scrape and exported as counters."""
+
+    COUNTERS = {
+        "prefix_cache_queries": "Tokens looked up in the prefix cache as requests were admitted",
+        "prefix_cache_hits": "Tokens found in the prefix cache instead of computed",
+    }
+
+    def __init__(self, engine_stats: Callable[[], dict[str, int]]):
+        self.engine_stats = engine_stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.engine_stats()
+        for name, text in self.COUNTERS.items():
+            yield CounterMetricFamily(f"lmscale_{name}", text, value=stats.get(name, 0))
+
+
+def hit_rate(stats: dict[str, int]) -> float:
+    """Prefix-cache hits over queries, 0 before any query."""
+    queries = stats.get("prefix_cache_queries", 0)
+    return stats.get("prefix_cache_hits", 0) / queries if queries else 0.0
+
+
 class ServerMetrics:
+    """The server's metrics (see the module docstring).
+
+    Args:
+        engine_stats: the engine's current numbers by name, without the `lmscale_` prefix.
+    """
+
     def __init__(self, engine_stats: Callable[[], dict[str, int]]):
         self.registry = CollectorRegistry()
         r = self.registry
@@ -44,6 +79,11 @@ class ServerMetrics:
         for name, text in gauges.items():
             gauge = Gauge(f"lmscale_{name}", text, registry=r)
             gauge.set_function(lambda name=name: float(engine_stats().get(name, 0)))
+        rate = Gauge(
+            "lmscale_prefix_cache_hit_rate", "Prefix-cache hits over queries, in tokens", registry=r
+        )
+        rate.set_function(lambda: hit_rate(engine_stats()))
+        r.register(_EngineCounters(engine_stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
