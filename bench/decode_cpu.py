@@ -10,6 +10,12 @@ its `generate` and `chat` verbs do (float32 weights in the decode layout, see `d
 The sides and dtypes alternate over `--repeats` rounds; medians are reported, with the
 memory-bandwidth ceiling of decoding (bytes of weights read per token / measured read bandwidth).
 
+Sides: lmscale compiled (its default: the `DecodeStep` graph), lmscale eager (`--eager`),
+transformers' default `generate()`, and transformers at its strongest on this CPU: a static
+cache (`cache_implementation="static"`) with its forward compiled by `torch.compile`
+(`--no-hf-compile` leaves it out: inductor needs minutes for it here). Ratios are printed
+against both transformers sides.
+
     python bench/decode_cpu.py --threads 2 --repeats 3
 """
 
@@ -28,6 +34,7 @@ from transformers import LlamaForCausalLM
 
 from lmscale.checkpoint import export_hf, load_pretrained
 from lmscale.engine import SamplingParams, generate_ids
+from lmscale.engine.decode_step import DecodeStep
 from lmscale.model import Transformer, decode_layout_
 
 MODEL = "smollm2-135m-instruct"
@@ -52,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--no-hf-compile", action="store_true", help="skip transformers' compiled side")
     return p.parse_args()
 
 
@@ -66,16 +74,24 @@ def build_runners(model: Transformer, args: argparse.Namespace) -> dict[tuple[st
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             hf = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
-            runners["lmscale", name] = lmscale_runner(
+            compiled = copy.deepcopy(model).to(dtype)
+            runners["lmscale", name] = lmscale_runner(compiled, DecodeStep(compiled))
+            runners["lmscale eager", name] = lmscale_runner(
                 decode_layout_(copy.deepcopy(model).to(dtype))
             )
             runners["transformers", name] = hf_runner(hf)
+            if not args.no_hf_compile:
+                strong = LlamaForCausalLM.from_pretrained(folder, torch_dtype=dtype).eval()
+                strong.generation_config.cache_implementation = "static"
+                strong.forward = torch.compile(strong.forward)
+                runners["transformers static+compile", name] = hf_runner(strong)
     return runners
 
 
-def lmscale_runner(model: Transformer) -> Runner:
+def lmscale_runner(model: Transformer, step: DecodeStep | None = None) -> Runner:
     def run(prompt: list[int], n: int) -> list[int]:
-        return list(generate_ids(model, prompt, SamplingParams(temperature=0, max_new_tokens=n)))
+        params = SamplingParams(temperature=0, max_new_tokens=n)
+        return list(generate_ids(model, prompt, params, step=step))
 
     return run
 
@@ -94,11 +110,15 @@ def hf_runner(model: LlamaForCausalLM) -> Runner:
 
 
 def check_agreement(runners: dict, prompt: list[int], n: int = 16) -> None:
-    """Print how many of the first n greedy tokens each dtype's two sides share."""
+    """Print how many of the first n greedy tokens each side shares with transformers'."""
     for dtype in sorted({d for _, d in runners}):
-        ours, theirs = (runners[side, dtype](prompt, n) for side in ("lmscale", "transformers"))
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), n)
-        print(f"{dtype}: first {same}/{n} greedy tokens agree ({ours[:6]}...)")
+        theirs = runners["transformers", dtype](prompt, n)
+        for side in sorted({s for s, d in runners if d == dtype and s != "transformers"}):
+            ours = runners[side, dtype](prompt, n)
+            same = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), n
+            )
+            print(f"{dtype} {side}: first {same}/{n} greedy tokens agree with transformers")
 
 
 def measure(runners: dict, prompt: list[int], args: argparse.Namespace) -> dict:
@@ -158,21 +178,28 @@ def report(results: dict, model: Transformer, args: argparse.Namespace) -> None:
           f"{args.threads} threads, prompt {args.prompt_tokens}, new {args.new_tokens}, "
           f"medians of {args.repeats}")  # fmt: skip
     print(f"read bandwidth (sum over 1 GiB fp32): {bandwidth / 1e9:.1f} GB/s")
-    print("| dtype | lmscale prefill tok/s | transformers prefill tok/s | ratio | lmscale decode"
-          " tok/s | transformers decode tok/s | ratio | decode ceiling tok/s |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| dtype | side | prefill tok/s | decode tok/s | decode x transformers | decode x "
+        "transformers static+compile | prefill x transformers | decode ceiling tok/s |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")  # fmt: skip
     for dtype in args.dtypes.split(","):
-        ours, theirs = results["lmscale", dtype], results["transformers", dtype]
+        base = results["transformers", dtype]
+        strong = results.get(("transformers static+compile", dtype))
         weight_bytes = bytes_per_token(
             model, torch.empty((), dtype=getattr(torch, dtype)).element_size()
         )
         ceiling = bandwidth / weight_bytes
-        print(
-            f"| {dtype} | {ours['prefill']:.0f} | {theirs['prefill']:.0f} "
-            f"| {ours['prefill'] / theirs['prefill']:.2f}x | {ours['decode']:.1f} "
-            f"| {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f}x "
-            f"| {ceiling:.0f} ({weight_bytes / 1e6:.0f} MB/token) |"
-        )
+        for (side, d), r in results.items():
+            if d != dtype:
+                continue
+            vs_strong = f"{r['decode'] / strong['decode']:.2f}x" if strong else "-"
+            print(
+                f"| {dtype} | {side} | {r['prefill']:.0f} | {r['decode']:.1f} "
+                f"| {r['decode'] / base['decode']:.2f}x | {vs_strong} "
+                f"| {r['prefill'] / base['prefill']:.2f}x | {ceiling:.0f} "
+                f"({weight_bytes / 1e6:.0f} MB/token) |"
+            )
 
 
 if __name__ == "__main__":

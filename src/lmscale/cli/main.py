@@ -14,7 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lmscale.cli.chat import chat, chat_args
+from lmscale.cli.generate import generate, generate_args
+from lmscale.cli.model_options import keep_quantized_arg
 from lmscale.cli.plan import plan, plan_args
+from lmscale.cli.serve import serve, serve_args
 from lmscale.cli.scaling import scaling, scaling_args
 from lmscale.errors import LmscaleError
 
@@ -253,7 +257,7 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    _keep_quantized_arg(p)
+    keep_quantized_arg(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.epilog = (
         "Definition: the text is tokenized once and cut into non-overlapping windows of --context "
@@ -296,129 +300,6 @@ def _eval_tokens(args: argparse.Namespace, tokenizer):
     if json.loads(Path(dataset.tokenizer_path).read_text()) != json.loads(tokenizer.to_json()):
         raise LmscaleError(f"{args.data} was tokenized with another tokenizer than the model's")
     return dataset.tokens
-
-
-# --- generate --------------------------------------------------------------------------------
-
-
-def generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
-    p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=None, help="stop at this text (repeatable)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
-    _keep_quantized_arg(p)
-
-
-def generate(args: argparse.Namespace, _: list[str]) -> None:
-    from lmscale.checkpoint import load_pretrained
-    from lmscale.engine import SamplingParams, generate_ids, stream_text
-    from lmscale.model import decode_layout_
-    from lmscale.train.precision import resolve_device
-
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed,
-    )  # fmt: skip
-    model, tokenizer = load_pretrained(
-        args.model, resolve_device(args.device), keep_quantized=args.keep_quantized
-    )
-    _apply_adapter(model, args.adapter)
-    decode_layout_(model)
-    ids = generate_ids(
-        model, tokenizer.encode(args.prompt), params, stop_ids=tokenizer.end_of_turn_ids
-    )
-    pieces = stream_text(ids, tokenizer.decode, params.stop or ())
-    if args.json:
-        print(json.dumps({"prompt": args.prompt, "text": "".join(pieces)}))
-        return
-    sys.stdout.write(args.prompt)
-    for piece in pieces:
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
-
-
-def _keep_quantized_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--keep-quantized",
-        action="store_true",
-        help="a .gguf's Q4_0, Q4_1 and Q4_K linear layers stay int4 (the file's own weights, "
-        "run by the int4 kernels) instead of being dequantized to float32",
-    )
-
-
-def _apply_adapter(model, adapter: str | None) -> None:
-    if adapter is not None:
-        from lmscale.finetune.adapter import load_adapter
-
-        load_adapter(model, adapter)
-
-
-# --- chat ------------------------------------------------------------------------------------
-
-
-def chat_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="a bundled name, .gguf, HF folder or run dir")
-    p.add_argument("--system", default=None, help="system message that starts the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="longest reply in tokens")
-    p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter folder to apply to --model")
-    _keep_quantized_arg(p)
-    p.epilog = "One message per line on stdin; /reset clears the history, /exit (or EOF) ends."
-
-
-def chat(args: argparse.Namespace, _: list[str]) -> None:
-    from lmscale.checkpoint import load_pretrained
-    from lmscale.engine import ChatSession, SamplingParams
-    from lmscale.model import decode_layout_
-    from lmscale.train.precision import resolve_device
-
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
-    )  # fmt: skip
-    model, tokenizer = load_pretrained(
-        args.model, resolve_device(args.device), keep_quantized=args.keep_quantized
-    )
-    _apply_adapter(model, args.adapter)
-    session = ChatSession(decode_layout_(model), tokenizer, params, system=args.system)
-    interactive = sys.stdin.isatty()
-    for line in _user_lines(interactive):
-        if line == "/reset":
-            session.reset()
-            continue
-        for piece in session.reply(line):
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        sys.stdout.flush()
-
-
-def _user_lines(interactive: bool):
-    """Non-empty user lines until EOF or /exit, with a `> ` prompt on a terminal."""
-    while True:
-        try:
-            line = input("> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            return
-        if not interactive and not line:
-            return
-        line = line.strip()
-        if line == "/exit":
-            return
-        if line:
-            yield line
 
 
 # --- export ----------------------------------------------------------------------------------
@@ -795,60 +676,6 @@ def compress_report(args: argparse.Namespace, _: list[str]) -> None:
         print(json.dumps({"context": context, "rows": [row.as_dict() for row in rows]}))
         return
     print(markdown_table(rows))
-
-
-# --- serve -----------------------------------------------------------------------------------
-
-
-def serve_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--model",
-        default="smollm2-135m-instruct",
-        help="a bundled name, .gguf, HF folder or run dir",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LMSCALE_API_KEY)")
-    p.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    _keep_quantized_arg(p)
-    p.add_argument("--max-num-seqs", type=int, default=64, help="most requests in the batch")
-    p.add_argument("--max-waiting", type=int, default=256, help="queue bound; past it, 429")
-    p.add_argument("--kv-cache-mb", type=int, default=256, help="memory for the KV-cache pool")
-    p.add_argument(
-        "--no-prefix-caching", action="store_true",
-        help="compute every prompt in full instead of reusing cached KV blocks of its prefix",
-    )  # fmt: skip
-    p.add_argument(
-        "--drain-s", type=float, default=30.0, help="on SIGTERM, finish requests for this long"
-    )
-
-
-def serve(args: argparse.Namespace, _: list[str]) -> None:
-    from lmscale.engine.config import EngineConfig
-    from lmscale.serve.server import ServeOptions
-    from lmscale.serve.server import serve as run_server
-
-    if args.dtype not in (None, "float32", "bfloat16", "float16"):
-        raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
-    if not 0 < args.port < 65536:
-        raise LmscaleError(f"--port must be in 1..65535, got {args.port}")
-    from lmscale.train.precision import resolve_device
-
-    resolve_device(args.device)  # a missing GPU is a one-line error, not a traceback
-    engine = EngineConfig(
-        max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting,
-        kv_cache_bytes=args.kv_cache_mb * 2**20, enable_prefix_caching=not args.no_prefix_caching,
-    )  # fmt: skip
-    run_server(
-        ServeOptions(
-            model=args.model, host=args.host, port=args.port, api_key=args.api_key,
-            dtype=args.dtype, device=args.device, served_name=args.served_model_name,
-            drain_s=args.drain_s, keep_quantized=args.keep_quantized,
-            engine=engine,
-        )
-    )  # fmt: skip
 
 
 # --- finetune, merge -------------------------------------------------------------------------

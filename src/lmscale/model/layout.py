@@ -75,13 +75,16 @@ def compiled_layout_(model: nn.Module) -> nn.Module:
     """Prepare a model's linear layers for the compiled decode step, in place.
 
     Every plain `nn.Linear` becomes a `CompiledLinear` (a class swap: parameters, tied weights
-    and the state dict are untouched) with a row-major weight, undoing `decode_layout_`.
+    and the state dict are untouched) with a row-major weight, undoing `decode_layout_`;
+    quantized layers derive their kernels' packed weights (a compiled graph cannot).
 
     Returns:
         The same module.
     """
     with torch.no_grad():
         for module in model.modules():
+            if hasattr(module, "prepare_kernel"):  # a quantized layer: pack its weights now
+                module.prepare_kernel()
             if type(module) is nn.Linear:
                 module.__class__ = CompiledLinear
                 if not module.weight.is_contiguous():

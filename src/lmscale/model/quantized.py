@@ -282,12 +282,20 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantize(x.dtype), bias)
 
+    def prepare_kernel(self) -> None:
+        """Derive the kernel's packed form now (a compiled graph can only read it, see below)."""
+        self._kernel_state(torch.float32 if self.method == "int8-dynamic" else _KERNEL_DTYPE)
+
     def _kernel_state(self, dtype: torch.dtype):
         """The kernel's own packed form of the buffers, derived once and cached.
 
         The cache key is the buffers' storage and the dtype, so `.to()`, loading new tensors
         (`assign=True`) or a deepcopy all rebuild it rather than using a stale copy.
+        NOTE: inside a compiled graph the key cannot be read (`data_ptr`): the state derived
+        by `prepare_kernel` (or the last eager call) is used as it is.
         """
+        if torch.compiler.is_compiling():
+            return self._kernel[1]
         offsets = getattr(self, "mins", None)
         key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype, dtype,
                None if offsets is None else offsets.data_ptr())  # fmt: skip
