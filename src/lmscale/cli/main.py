@@ -18,8 +18,8 @@ from lmscale.cli.chat import chat, chat_args
 from lmscale.cli.generate import generate, generate_args
 from lmscale.cli.model_options import keep_quantized_arg
 from lmscale.cli.plan import plan, plan_args
-from lmscale.cli.serve import serve, serve_args
 from lmscale.cli.scaling import scaling, scaling_args
+from lmscale.cli.serve import serve, serve_args
 from lmscale.errors import LmscaleError
 
 EXIT_USER_ERROR = 2
