@@ -58,3 +58,33 @@ def test_chat_prompts_through_the_engine_equal_generate_ids(smollm):
         assert text == tokenizer.decode(ids) and "<|im_end|>" not in text
         assert last.finish_reason == ("length" if len(ids) == 16 else "stop")
     assert "Paris" in results[0][1]
+
+
+def test_compiled_decode_equals_eager_generation_with_and_without_prefix_hits(smollm):
+    """The compiled step on the real model: greedy fp32 tokens equal the eager path's (near-tie
+    rule), for a batch of chat prompts and for a repeat of one (a prefix-cache hit)."""
+    from lmscale.engine import EngineConfig, LLMEngine
+
+    model, tokenizer = smollm
+    prompts = [
+        tokenizer.encode(
+            tokenizer.apply_chat_template([{"role": "user", "content": q}]), add_bos=False
+        )
+        for q in QUESTIONS * 2  # the repeats find their prompts' blocks cached
+    ]
+    eager = [
+        list(generate_ids(model, p, SamplingParams(temperature=0, max_new_tokens=12)))
+        for p in prompts[:2]
+    ]
+    engine = LLMEngine(model, tokenizer, EngineConfig(compiled_decode=True))
+    params = RequestParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    first = engine.generate(
+        [GenerationRequest(p, params, str(i)) for i, p in enumerate(prompts[:2])]
+    )
+    again = engine.generate(
+        [GenerationRequest(p, params, f"r{i}") for i, p in enumerate(prompts[2:])]
+    )
+    assert engine.stats().prefix_cache_hits > 0
+    for i, prompt in enumerate(prompts[:2]):
+        assert_same_greedy(model, prompt, first[str(i)].token_ids, eager[i])
+        assert again[f"r{i}"].token_ids == first[str(i)].token_ids

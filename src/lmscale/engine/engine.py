@@ -55,6 +55,8 @@ class EngineStats:
     (0 with prefix caching off)."""
     prefix_cache_hits: int
     """Of those, tokens found cached: their keys and values were reused, not computed."""
+    decode_compiled: int = 0
+    """1 once every graph of the compiled decode step is ready (0 while compiling, or eager)."""
 
 
 class LLMEngine:
@@ -268,6 +270,7 @@ class LLMEngine:
             allocator.n_blocks, self.config.block_size, self.scheduler.num_preemptions,
             self._prompt_tokens, self._generated_tokens,
             self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits,
+            int(self.runner.step is not None and self.runner.compile_inline),
         )  # fmt: skip
 
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:

@@ -101,7 +101,7 @@ def _engine_stats(engine: AsyncEngine) -> dict[str, int]:
         "queue_depth": stats.num_waiting, "running_requests": stats.num_running,
         "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
         "prefix_cache_queries": stats.prefix_cache_queries,
-        "prefix_cache_hits": stats.prefix_cache_hits,
+        "prefix_cache_hits": stats.prefix_cache_hits, "decode_compiled": stats.decode_compiled,
     }  # fmt: skip
 
 

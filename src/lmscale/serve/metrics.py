@@ -9,6 +9,8 @@ lmscale_prefix_cache_queries_total              tokens of admitted requests, loo
                                                 prefix cache (a resumed preempted request again)
 lmscale_prefix_cache_hits_total                 of those, tokens found cached (not computed)
 lmscale_prefix_cache_hit_rate                   hits / queries since the start (0 before any)
+lmscale_decode_compiled                         1 once the compiled decode step's graphs are
+                                                ready (0 while they compile, or with --eager)
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class ServerMetrics:
             "running_requests": "Requests in the running batch",
             "kv_blocks_used": "KV-cache blocks in use",
             "kv_blocks_total": "KV-cache blocks in the pool",
+            "decode_compiled": "1 once the compiled decode step's graphs are all ready",
         }
         for name, text in gauges.items():
             gauge = Gauge(f"lmscale_{name}", text, registry=r)
