@@ -4,10 +4,14 @@ Each test compiles real graphs with inductor (a few seconds each on the tiny mod
 graph family and process); the on-disk compile cache goes to a temporary folder.
 """
 
+import asyncio
+import time
+
 import pytest
 from engine_helpers import assert_same_greedy, random_prompts, tiny_model
 
 from lmscale.engine import (
+    AsyncEngine,
     EngineConfig,
     GenerationRequest,
     LLMEngine,
@@ -100,3 +104,23 @@ def test_background_warm_up_serves_eagerly_until_the_graphs_are_ready(tiny_token
 
 def test_batch_buckets_are_powers_of_two():
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 33)] == [1, 2, 4, 4, 8, 8, 16, 64]
+
+
+def test_async_engine_compiles_in_the_background_after_its_first_request(tiny_tokenizer):
+    engine = AsyncEngine(tiny_model(), tiny_tokenizer, EngineConfig(compiled_decode=True))
+    engine.warm_up()
+    assert engine.stats().decode_compiled == 0  # nothing compiles before a request
+
+    async def one(prompt):
+        return [out async for out in engine.generate(GenerationRequest(prompt, greedy(8)))]
+
+    try:
+        first = asyncio.run(one(random_prompts([6])[0]))
+        assert first[-1].finished
+        deadline = time.monotonic() + 300
+        while not engine.stats().decode_compiled:
+            assert time.monotonic() < deadline, "the graphs never became ready"
+            time.sleep(0.2)
+        assert engine.engine.runner.step.is_ready(1)
+    finally:
+        engine.close()

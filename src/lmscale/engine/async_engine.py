@@ -48,6 +48,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._error: BaseException | None = None
+        self._warm_up_pending = False
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs, one per step that produced a token.
@@ -106,6 +107,18 @@ class AsyncEngine:
             stats.num_waiting += self._pending_adds()
         return stats
 
+    def warm_up(self) -> None:
+        """Compile the decode step's graphs in a background thread once the first request has
+        finished (if the engine has a compiled step); decoding runs eagerly until each graph is
+        ready (see `LLMEngine.warm_up`).
+
+        NOTE: not at once: tracing holds the GIL for seconds, which would delay the first
+        answer of a server that has just started.
+        """
+        if self.engine.runner.step is not None:
+            self.engine.runner.compile_inline = False  # eager until the graphs are ready
+            self._warm_up_pending = True
+
     def close(self) -> None:
         """Stop the step loop; requests still in flight end with finish_reason "abort"."""
         with self._cond:
@@ -146,6 +159,9 @@ class AsyncEngine:
                 return
             for out in outputs:
                 self._deliver(out)
+            if self._warm_up_pending and any(out.finished for out in outputs):
+                self._warm_up_pending = False
+                self.engine.warm_up(background=True)
         for request_id in list(self._streams):
             out = self.engine.abort(request_id)
             self._deliver(out or EngineDeadError("the engine is closed"), request_id)

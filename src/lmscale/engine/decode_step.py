@@ -130,6 +130,10 @@ class DecodeStep:
         self.device = model.tok_embeddings.weight.device
         self.verbose = verbose
         self.cache_dir = use_compile_cache()
+        # NOTE: every model (and dtype) a process decodes adds up to four graphs of the one
+        # `_forward`; past dynamo's default of 8 it would silently fall back to eager.
+        dynamo_config = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self._cuda = self.device.type == "cuda"
         mode = "reduce-overhead" if self._cuda else None
         self._compiled = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)

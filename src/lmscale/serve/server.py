@@ -43,8 +43,8 @@ def build_app(options: ServeOptions):
         decode_layout_(model)  # eager fp32 matrix-vector products run faster column-major
     engine = AsyncEngine(model, tokenizer, config)
     # NOTE: the server answers from its first second: decode steps run eagerly until the
-    # compiled graphs are ready (seconds with a warm on-disk cache).
-    engine.engine.warm_up(background=True)
+    # compiled graphs are ready (compiled after the first request, in the background).
+    engine.warm_up()
     name = options.served_name or os.path.basename(os.path.normpath(options.model))
     api_key = options.api_key or os.environ.get("LMSCALE_API_KEY") or None
     app = create_app(engine, name, api_key=api_key)
