@@ -71,6 +71,10 @@ def main() -> None:
     args = parse_args()
     load_before = os.getloadavg()
     with running_server(args) as (url, cold_start, server_pid):
+        if args.cold_start_only:
+            print(f"cold start (spawn of `lmscale serve` -> first answered request): "
+                  f"{cold_start:.2f} s")  # fmt: skip
+            return
         model = served_model(url)
         compiled_s = None if args.url else wait_until_compiled(url, cold_start)
         asyncio.run(run_level(url, model, 1, 1, args))  # warm-up, not reported
@@ -108,6 +112,7 @@ def parse_args() -> argparse.Namespace:
         choices=("float32", "bfloat16"),
         help="weights of both sides (--url: of transformers)",
     )
+    p.add_argument("--cold-start-only", action="store_true", help="stop after the cold start")
     p.add_argument("--eager", action="store_true", help="serve with `lmscale serve --eager`")
     p.add_argument("--url", help="benchmark this running server (e.g. http://127.0.0.1:8000)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")

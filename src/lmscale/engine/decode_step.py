@@ -130,17 +130,23 @@ class DecodeStep:
         self.device = model.tok_embeddings.weight.device
         self.verbose = verbose
         self.cache_dir = use_compile_cache()
-        # NOTE: every model (and dtype) a process decodes adds up to four graphs of the one
-        # `_forward`; past dynamo's default of 8 it would silently fall back to eager.
-        dynamo_config = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
         self._cuda = self.device.type == "cuda"
-        mode = "reduce-overhead" if self._cuda else None
-        self._compiled = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
+        self._compiled = None  # NOTE: made on first use: importing dynamo takes seconds
         self._ready: set[tuple] = set()
         self._lock = threading.Lock()
         self.compile_seconds: dict[tuple, float] = {}
         """Seconds each graph family took to compile (or to load from the on-disk cache)."""
+
+    def _compile(self):
+        """The compiled `_forward` (made once, under the lock)."""
+        if self._compiled is None:
+            # NOTE: every model (and dtype) a process decodes adds up to four graphs of the one
+            # `_forward`; past dynamo's default of 8 it would silently fall back to eager.
+            dynamo_config = torch._dynamo.config
+            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+            mode = "reduce-overhead" if self._cuda else None
+            self._compiled = torch.compile(self._forward, mode=mode, fullgraph=True, dynamic=False)
+        return self._compiled
 
     def family(self, n_rows: int, contiguous: bool) -> tuple:
         """The graph that serves a batch of `n_rows` (see the class docstring)."""
@@ -190,7 +196,7 @@ class DecodeStep:
             start = time.perf_counter()
             if self.verbose:
                 print(f"compiling the decode step for {n} rows ...", file=sys.stderr, flush=True)
-            logits = self._compiled(*inputs, k_pools, v_pools, contiguous)[:n]
+            logits = self._compile()(*inputs, k_pools, v_pools, contiguous)[:n]
             self.compile_seconds[family] = seconds = time.perf_counter() - start
             self._ready.add(family)
         if self.verbose:
