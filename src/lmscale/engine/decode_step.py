@@ -17,8 +17,8 @@ bucket (1, 2, 4, 8, ...): padded rows write into a scratch block the caller name
 `mode="reduce-overhead"` captures one CUDA graph per bucket.
 
 Compiled linear layers read their weights through `matvec` at a few rows (see
-`lmscale.model.layout`), and attention fuses its gather from the pool into its reductions, so
-nothing the size of the cached keys is copied per step.
+`lmscale.model.layout`). Attention keeps its two matmuls: a contiguous cache is read as a slice
+(no copy); a paged pool's keys are gathered per layer (the cost that grows with the batch).
 """
 
 from __future__ import annotations
@@ -98,13 +98,12 @@ class PoolLayerView:
         self.k_pool[blocks, :, pos % block_size] = k[:, :, 0]
         self.v_pool[blocks, :, pos % block_size] = v[:, :, 0]
         keys = batch.key_positions
+        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
         if batch.contiguous:  # a `KVCache`: row b is block b, keys are read without a gather
             n_rows, n_keys = pos.shape[0], keys.shape[0]
-            mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
             return self.k_pool[:n_rows, :, :n_keys], self.v_pool[:n_rows, :, :n_keys], mask
         key_blocks = batch.block_tables[:, keys // block_size]  # (B, S)
         offsets = keys % block_size  # (S,)
-        mask = (keys[None, :] <= pos[:, None])[:, None, None, :]  # (B, 1, 1, S)
         # pool[(B, S) blocks, :, (S,) offsets] -> (B, S, nkv, hs)
         k_all = self.k_pool[key_blocks, :, offsets].transpose(1, 2)
         v_all = self.v_pool[key_blocks, :, offsets].transpose(1, 2)
