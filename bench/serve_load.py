@@ -16,6 +16,8 @@ Hugging Face transformers `generate` serving the same requests one at a time, in
    1-client level's requests one at a time: the same chat-templated prompt ids, `do_sample=False`,
    the same token limit, stopping at the same end-of-turn tokens; a streamer timestamps each token.
    The server keeps its defaults (torch's threads: one per core).
+4. lmscale's engine in this process (`LLMEngine`, the same compiled step, no HTTP) runs the same
+   requests one at a time: the rate one client of the server should come within 0.9x of.
 
 "other CPU" is the share of the machine's CPU time that processes other than the benchmark and
 its server used during each phase: on a shared machine, a phase with a high share ran slower.
@@ -28,7 +30,8 @@ message), then its second turn (history + reply + a short question); the TTFT of
 finding the first's blocks in the prefix cache.
 
 The issue's CPU targets are printed beside the numbers: output tokens/s at 32 clients >= 10x the
-1-client rate, p99 TTFT < 1.5 s and p99 ITL < 300 ms at 32 clients, one client >= transformers,
+1-client rate, p99 TTFT < 1.5 s and p99 ITL < 300 ms at 32 clients, one client >= transformers
+and >= 0.9x the in-process engine,
 and the second chat turn's TTFT <= 0.3x the first's.
 
     python bench/serve_load.py --clients 1,8,32 --requests 2 --max-tokens 64
@@ -63,7 +66,7 @@ PROMPTS = (
     "How do vaccines train the immune system?",
     "Write a poem about autumn leaves.",
 )
-TARGET_SCALING, TARGET_TTFT_S, TARGET_ITL_S, TARGET_TURN = 10.0, 1.5, 0.3, 0.3
+TARGET_SCALING, TARGET_TTFT_S, TARGET_ITL_S, TARGET_TURN, TARGET_OWN = 10.0, 1.5, 0.3, 0.3, 0.9
 LONG_MESSAGE = " ".join(PROMPTS) + " Answer each of these questions in turn, carefully. "
 
 
@@ -89,7 +92,11 @@ def main() -> None:
     meter = OtherCpu(None)
     baseline = run_transformers(levels[0]["requests"], args)
     baseline["other_cpu"] = meter.share()
+    meter = OtherCpu(None)
+    engine = run_in_process(levels[0]["requests"], args)
+    engine["other_cpu"] = meter.share()
     results = summarize(levels, baseline, cold_start, load_before, args)
+    results["in_process"] = level_stats(engine)
     results.update(compiled_s=compiled_s, chat_turns=turns)
     results["targets"]["turn_ratio"] = turns["second_ttft_s"] / turns["first_ttft_s"]
     report(results)
@@ -317,6 +324,46 @@ def run_transformers(requests: list[dict], args: argparse.Namespace) -> dict:
     return {"clients": 1, "wall_s": wall, "requests": done, "versions": versions}
 
 
+def run_in_process(requests: list[dict], args: argparse.Namespace) -> dict:
+    """lmscale's own engine in this process (no HTTP, no event loop), on the same requests one at
+    a time, decoding through the same compiled step as the server (unless `--eager`): the
+    in-process batch-1 rate that one client of the server is measured against."""
+    import torch
+
+    from lmscale.checkpoint import load_pretrained
+    from lmscale.engine import EngineConfig, LLMEngine
+    from lmscale.engine.request import GenerationRequest, RequestParams
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_pretrained(args.model)
+    model = model.to(getattr(torch, args.dtype))
+    engine = LLMEngine(model, tokenizer, EngineConfig(compiled_decode=not args.eager))
+    engine.warm_up()
+
+    def run(index: int) -> dict:
+        messages = [{"role": "user", "content": PROMPTS[index % len(PROMPTS)]}]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tokenizer.encode(text, add_bos=False)
+        params = RequestParams(temperature=0, max_new_tokens=args.max_tokens)
+        sent, stamps, pieces, out = time.perf_counter(), [], [], None
+        engine.add_request(GenerationRequest(ids, params, f"in-process-{index}-{sent}"))
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.text:
+                    stamps.append(time.perf_counter())
+                    pieces.append(out.text)
+        return {
+            "index": index, "ttft_s": stamps[0] - sent, "itl_s": gaps(stamps),
+            "output_tokens": out.completion_tokens, "prompt_tokens": len(ids),
+            "text": "".join(pieces),
+        }  # fmt: skip
+
+    run(0)  # warm-up, not reported
+    start = time.perf_counter()
+    done = [run(r["index"]) for r in requests]
+    return {"clients": 1, "wall_s": time.perf_counter() - start, "requests": done}
+
+
 class _Clock:
     """A transformers streamer that only notes when each `put` comes: first the prompt, then
     each new token."""
@@ -470,6 +517,9 @@ def report(results: dict) -> None:
     for s in results["lmscale"]:
         print(_row("lmscale", s, f"{s['vs_transformers']:.2f}x"))
     print(_row("transformers, one at a time", hf, "1.00x"))
+    own = results["in_process"]
+    own_ratio = own["output_tokens_per_s"] / hf["output_tokens_per_s"]
+    print(_row("lmscale engine in-process, one at a time", own, f"{own_ratio:.2f}x"))
     same = results["same_text_as_transformers"]
     print(f"greedy texts equal to transformers' (1 client): {same[0]}/{same[1]}; equal to the "
           "1-client texts, per level: "
@@ -491,6 +541,9 @@ def report(results: dict) -> None:
             f"target: one client >= transformers: {one['vs_transformers']:.2f}x -> "
             f"{_verdict(one['vs_transformers'] >= 1)}"
         )
+        over_own = one["output_tokens_per_s"] / own["output_tokens_per_s"]
+        print(f"target: one client >= {TARGET_OWN}x the in-process engine: {over_own:.2f}x -> "
+              f"{_verdict(over_own >= TARGET_OWN)}")  # fmt: skip
     turns = results["chat_turns"]
     print(
         f"chat turns: first {turns['first_prompt_tokens']} prompt tokens, TTFT "
