@@ -32,6 +32,27 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-s", type=float, default=30.0, help="on SIGTERM, finish requests for this long"
     )
+    ray = p.add_argument_group("scale-out on Ray Serve (any of these serves through Ray)")
+    ray.add_argument("--replicas", type=int, help="this many engine replicas, load balanced")
+    ray.add_argument("--autoscale", metavar="MIN:MAX", help="replicas scaled on ongoing requests")
+    ray.add_argument(
+        "--target-ongoing-requests", type=float, default=8.0,
+        help="with --autoscale: streams per replica to scale towards",
+    )  # fmt: skip
+    ray.add_argument("--upscale-delay-s", type=float, default=5.0, help="with --autoscale")
+    ray.add_argument("--downscale-delay-s", type=float, default=30.0, help="with --autoscale")
+    ray.add_argument(
+        "--threads-per-replica", type=int,
+        help="torch threads (and Ray CPUs) of each replica (default: cores / most replicas)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--routing", default="prefix", choices=("prefix", "power-of-two"),
+        help="prefix: to the replica caching the prompt's beginning (else the least loaded); "
+        "power-of-two: Ray Serve's default",
+    )  # fmt: skip
+    ray.add_argument(
+        "--ray-address", help="join this Ray cluster (e.g. ray://HEAD:10001) instead of a local one"
+    )
 
 
 def serve(args: argparse.Namespace, _: list[str]) -> None:
@@ -51,11 +72,49 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
         kv_cache_bytes=args.kv_cache_mb * 2**20, enable_prefix_caching=not args.no_prefix_caching,
         compiled_decode=not args.eager, compiled_decode_verbose=True,
     )  # fmt: skip
-    run_server(
-        ServeOptions(
+    options = ServeOptions(
             model=args.model, host=args.host, port=args.port, api_key=args.api_key,
             dtype=args.dtype, device=args.device, served_name=args.served_model_name,
             drain_s=args.drain_s, keep_quantized=args.keep_quantized,
             engine=engine,
+    )  # fmt: skip
+    scale = scale_options(args)
+    if scale is None:
+        run_server(options)
+        return
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise LmscaleError(
+            "serving replicas needs Ray Serve: pip install 'lmscale[ray]' (or 'ray[serve]')"
+        ) from None
+    from lmscale.serve.scale_out import serve_replicas
+
+    serve_replicas(options, scale)
+
+
+def scale_options(args: argparse.Namespace):
+    """The Ray Serve options the arguments ask for, or None to serve in this process."""
+    from lmscale.serve.scale_out import ScaleOptions, parse_autoscale
+
+    if args.replicas is None and args.autoscale is None and args.ray_address is None:
+        return None
+    if args.replicas is not None and args.autoscale is not None:
+        raise LmscaleError("give --replicas N or --autoscale MIN:MAX, not both")
+    if args.replicas is not None and args.replicas < 1:
+        raise LmscaleError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.threads_per_replica is not None and args.threads_per_replica < 1:
+        raise LmscaleError(
+            f"--threads-per-replica must be at least 1, got {args.threads_per_replica}"
         )
+    if args.target_ongoing_requests <= 0:
+        raise LmscaleError("--target-ongoing-requests must be positive")
+    if min(args.upscale_delay_s, args.downscale_delay_s) < 0:
+        raise LmscaleError("--upscale-delay-s and --downscale-delay-s must not be negative")
+    return ScaleOptions(
+        replicas=args.replicas or 1,
+        autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+        target_ongoing_requests=args.target_ongoing_requests,
+        upscale_delay_s=args.upscale_delay_s, downscale_delay_s=args.downscale_delay_s,
+        threads=args.threads_per_replica, routing=args.routing, ray_address=args.ray_address,
     )  # fmt: skip

@@ -7,6 +7,7 @@ from lmscale.engine.engine import EngineStats, LLMEngine
 from lmscale.engine.generate import continue_ids, generate_ids, stream_text
 from lmscale.engine.request import (
     EngineDeadError,
+    EngineUnavailableError,
     GenerationRequest,
     QueueFullError,
     RequestOutput,
@@ -20,6 +21,7 @@ __all__ = [
     "ChatSession",
     "EngineConfig",
     "EngineDeadError",
+    "EngineUnavailableError",
     "EngineStats",
     "GenerationRequest",
     "LLMEngine",

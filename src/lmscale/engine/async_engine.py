@@ -35,6 +35,9 @@ class AsyncEngine:
         config: the engine's budgets and queue bound.
     """
 
+    replicas = 1
+    """Engines behind this one, for a server's metrics (a Ray Serve deployment has several)."""
+
     def __init__(
         self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None
     ):
@@ -70,7 +73,7 @@ class AsyncEngine:
         self.engine.check(request)
         queue: asyncio.Queue = asyncio.Queue()
         with self._cond:
-            self._raise_if_stopped()
+            self.raise_if_stopped()
             if request.request_id in self._streams:
                 raise LmscaleError(f"request id {request.request_id!r} is already in use")
             self.engine.check_queue(extra=self._pending_adds())
@@ -130,7 +133,8 @@ class AsyncEngine:
     def _pending_adds(self) -> int:
         return sum(kind == "add" for kind, _ in self._inbox)
 
-    def _raise_if_stopped(self) -> None:
+    def raise_if_stopped(self) -> None:
+        """Raises EngineDeadError if the step loop died or the engine was closed."""
         if self._error is not None:
             raise EngineDeadError(f"the engine stopped on an error: {self._error!r}")
         if self._closed:

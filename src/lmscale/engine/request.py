@@ -27,6 +27,11 @@ class EngineDeadError(RuntimeError):
     """The engine's step loop stopped on an error; no request can complete."""
 
 
+class EngineUnavailableError(RuntimeError):
+    """The engine holding a request went away (a replica died or is stopping); sent again, the
+    request can be served by another (a server answers 503 with Retry-After)."""
+
+
 @dataclass
 class RequestParams(SamplingParams):
     """`SamplingParams` plus what a served request may set.

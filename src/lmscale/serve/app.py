@@ -4,6 +4,11 @@
 Each request becomes `n` engine streams; their deltas become either one JSON answer or
 server-sent events ending with `data: [DONE]`. A client that goes away mid-stream closes its
 streams, which frees their slots and KV blocks at once.
+
+The engine is anything with `AsyncEngine`'s serving surface (`EngineLike`): the engine in this
+process (`lmscale serve`) or the replicas behind a Ray Serve handle (`lmscale serve --replicas`,
+see `lmscale.serve.scale_out`). An engine that goes away mid-answer is a 503 before the first
+byte, and an `error` event (never a `[DONE]`) after it: no answer is silently cut short.
 """
 
 from __future__ import annotations
@@ -14,12 +19,15 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from importlib.resources import files
+from typing import Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
-from lmscale.engine.async_engine import AsyncEngine
+from lmscale.engine.engine import EngineStats
 from lmscale.engine.request import (
+    EngineDeadError,
+    EngineUnavailableError,
     GenerationRequest,
     QueueFullError,
     RequestOutput,
@@ -37,17 +45,32 @@ from lmscale.serve.protocol import (
     now,
     usage,
 )
+from lmscale.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20
 
 
+class EngineLike(Protocol):
+    """What the app needs of an engine (`AsyncEngine` has it; so does `RemoteEngine`)."""
+
+    tokenizer: Tokenizer
+    max_seq_len: int
+    replicas: int
+    """Engines answering behind this one (1 for an engine in this process)."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]: ...
+
+    def stats(self) -> EngineStats: ...
+
+
 def create_app(
-    engine: AsyncEngine, model_name: str, api_key: str | None = None,
+    engine: EngineLike, model_name: str, api_key: str | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
 ) -> FastAPI:  # fmt: skip
     """The ASGI app serving `engine`'s model under the name `model_name`."""
     app = FastAPI(title="lmscale", version="0.1.0")
-    metrics = ServerMetrics(lambda: _engine_stats(engine))
+    replicas = (lambda: engine.per_replica) if hasattr(engine, "per_replica") else None
+    metrics = ServerMetrics(lambda: _engine_stats(engine), replicas)
     api = _Api(engine, model_name, metrics)
     install_handlers(app)
 
@@ -94,7 +117,7 @@ def create_app(
     return app
 
 
-def _engine_stats(engine: AsyncEngine) -> dict[str, int]:
+def _engine_stats(engine: EngineLike) -> dict[str, int]:
     """The engine's numbers that /metrics exports, by metric name less `lmscale_`."""
     stats = engine.stats()
     return {
@@ -102,6 +125,7 @@ def _engine_stats(engine: AsyncEngine) -> dict[str, int]:
         "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
         "prefix_cache_queries": stats.prefix_cache_queries,
         "prefix_cache_hits": stats.prefix_cache_hits, "decode_compiled": stats.decode_compiled,
+        "replicas": engine.replicas,
     }  # fmt: skip
 
 
@@ -112,10 +136,10 @@ def _error(status: int, message: str) -> JSONResponse:
 class _Api:
     """The two generation endpoints, from request body to answer."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: EngineLike, model_name: str, metrics: ServerMetrics):
         self.engine, self.model_name, self.metrics = engine, model_name, metrics
         self.tokenizer = engine.tokenizer
-        self.max_context = engine.engine.model.config.max_seq_len
+        self.max_context = engine.max_seq_len
         self.started = now()
 
     async def complete(self, body: CompletionRequest):
@@ -191,15 +215,12 @@ class _Api:
         return shape.full(results)
 
     def _submit(self, prompt: list[int], params: RequestParams) -> AsyncIterator[RequestOutput]:
-        """Queue one request with the engine: a full queue is a 429, a request it refuses a 400."""
+        """Queue one request with the engine; its errors, now or while it streams, as API
+        errors."""
         try:
-            return self.engine.generate(GenerationRequest(prompt, params))
-        except QueueFullError as error:
-            raise APIError(
-                429, f"the server is busy: {error}", headers={"Retry-After": "1"}
-            ) from None
-        except LmscaleError as error:
-            raise APIError(400, str(error)) from None
+            return _api_errors(self.engine.generate(GenerationRequest(prompt, params)))
+        except Exception as error:
+            raise _as_api_error(error) from None
 
     async def _stream(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         """The engine's stream of one request, with metrics taken on the way."""
@@ -219,6 +240,30 @@ class _Api:
                 yield delta
         finally:
             await stream.aclose()
+
+
+def _as_api_error(error: Exception) -> Exception:
+    """An engine's refusal as the answer it deserves: a full queue is a 429, an engine gone a
+    retriable 503, a request it cannot serve a 400; anything else is left as it is (a bug)."""
+    if isinstance(error, QueueFullError):
+        return APIError(429, f"the server is busy: {error}", headers={"Retry-After": "1"})
+    if isinstance(error, EngineUnavailableError):
+        return APIError(503, f"{error}; send the request again", headers={"Retry-After": "1"})
+    if isinstance(error, EngineDeadError):
+        return APIError(503, str(error))
+    if isinstance(error, LmscaleError):
+        return APIError(400, str(error))
+    return error
+
+
+async def _api_errors(stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    try:
+        async for delta in stream:
+            yield delta
+    except Exception as error:
+        raise _as_api_error(error) from None
+    finally:
+        await stream.aclose()
 
 
 def _nth(params: RequestParams, i: int) -> RequestParams:
@@ -250,6 +295,8 @@ async def _sse(shape, streams, first, include_usage: bool) -> AsyncIterator[str]
                 await queue.put((index, delta))
             async for delta in stream:
                 await queue.put((index, delta))
+        except APIError as error:  # the engine went away mid-answer: say so, don't cut it short
+            await queue.put((index, error))
         finally:
             await queue.put((index, None))
 
@@ -266,6 +313,9 @@ async def _sse(shape, streams, first, include_usage: bool) -> AsyncIterator[str]
             if delta is None:
                 open_streams -= 1
                 continue
+            if isinstance(delta, APIError):
+                yield _event(error_body(delta.status, delta.message, delta.param, delta.code))
+                return  # no usage and no [DONE]: the client sees the answer is incomplete
             if delta.finish_reason:
                 totals[0] = delta.prompt_tokens
                 totals[1] += delta.completion_tokens

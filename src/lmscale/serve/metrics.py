@@ -11,6 +11,14 @@ lmscale_prefix_cache_hits_total                 of those, tokens found cached (n
 lmscale_prefix_cache_hit_rate                   hits / queries since the start (0 before any)
 lmscale_decode_compiled                         1 once the compiled decode step's graphs are
                                                 ready (0 while they compile, or with --eager)
+lmscale_replicas                                engine replicas answering (1 in one process)
+lmscale_replica_*{replica}                      behind Ray Serve, each live replica's own:
+                                                running_requests, queue_depth, kv_blocks_used,
+                                                kv_blocks_total, generation_tokens_total
+
+Behind Ray Serve (`lmscale serve --replicas/--autoscale`) the engine's numbers are sums over the
+live replicas (`decode_compiled`: 1 once every live replica's graphs are ready), and the counters
+keep what replicas that have since stopped had counted, so they never go down.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30)
@@ -41,6 +49,34 @@ class _EngineCounters(Collector):
             yield CounterMetricFamily(f"lmscale_{name}", text, value=stats.get(name, 0))
 
 
+class _PerReplica(Collector):
+    """Each live replica's numbers, labelled by its Ray Serve replica id."""
+
+    GAUGES = {
+        "running_requests": ("num_running", "Requests in the replica's running batch"),
+        "queue_depth": ("num_waiting", "Requests waiting in the replica's engine"),
+        "kv_blocks_used": ("kv_blocks_used", "KV-cache blocks in use in the replica"),
+        "kv_blocks_total": ("kv_blocks_total", "KV-cache blocks in the replica's pool"),
+    }
+
+    def __init__(self, per_replica: Callable[[], dict[str, dict[str, int]]]):
+        self.per_replica = per_replica
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        replicas = self.per_replica()
+        for name, (field, text) in self.GAUGES.items():
+            family = GaugeMetricFamily(f"lmscale_replica_{name}", text, labels=["replica"])
+            for replica, stats in replicas.items():
+                family.add_metric([replica], stats.get(field, 0))
+            yield family
+        tokens = CounterMetricFamily(
+            "lmscale_replica_generation_tokens", "Tokens the replica generated", labels=["replica"]
+        )
+        for replica, stats in replicas.items():
+            tokens.add_metric([replica], stats.get("generation_tokens_total", 0))
+        yield tokens
+
+
 def hit_rate(stats: dict[str, int]) -> float:
     """Prefix-cache hits over queries, 0 before any query."""
     queries = stats.get("prefix_cache_queries", 0)
@@ -52,9 +88,13 @@ class ServerMetrics:
 
     Args:
         engine_stats: the engine's current numbers by name, without the `lmscale_` prefix.
+        per_replica: each replica's `EngineStats` fields by replica id (behind Ray Serve).
     """
 
-    def __init__(self, engine_stats: Callable[[], dict[str, int]]):
+    def __init__(
+        self, engine_stats: Callable[[], dict[str, int]],
+        per_replica: Callable[[], dict[str, dict[str, int]]] | None = None,
+    ):  # fmt: skip
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -78,6 +118,7 @@ class ServerMetrics:
             "kv_blocks_used": "KV-cache blocks in use",
             "kv_blocks_total": "KV-cache blocks in the pool",
             "decode_compiled": "1 once the compiled decode step's graphs are all ready",
+            "replicas": "Engine replicas answering",
         }
         for name, text in gauges.items():
             gauge = Gauge(f"lmscale_{name}", text, registry=r)
@@ -87,6 +128,8 @@ class ServerMetrics:
         )
         rate.set_function(lambda: hit_rate(engine_stats()))
         r.register(_EngineCounters(engine_stats))
+        if per_replica is not None:
+            r.register(_PerReplica(per_replica))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

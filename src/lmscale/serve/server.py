@@ -27,12 +27,11 @@ class ServeOptions:
     engine: EngineConfig | None = None
 
 
-def build_app(options: ServeOptions):
-    """The app and its engine, ready for uvicorn."""
+def build_engine(options: ServeOptions):
+    """The model loaded and its `AsyncEngine` started, and the name the API serves it under."""
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine.async_engine import AsyncEngine
     from lmscale.model import decode_layout_
-    from lmscale.serve.app import create_app
 
     model, tokenizer = load_pretrained(
         options.model, device=options.device, dtype=options.dtype,
@@ -45,9 +44,23 @@ def build_app(options: ServeOptions):
     # NOTE: the server answers from its first second: decode steps run eagerly until the
     # compiled graphs are ready (compiled after the first request, in the background).
     engine.warm_up()
-    name = options.served_name or os.path.basename(os.path.normpath(options.model))
-    api_key = options.api_key or os.environ.get("LMSCALE_API_KEY") or None
-    app = create_app(engine, name, api_key=api_key)
+    return engine, served_name(options)
+
+
+def served_name(options: ServeOptions) -> str:
+    return options.served_name or os.path.basename(os.path.normpath(options.model))
+
+
+def api_key(options: ServeOptions) -> str | None:
+    return options.api_key or os.environ.get("LMSCALE_API_KEY") or None
+
+
+def build_app(options: ServeOptions):
+    """The app and its engine, ready for uvicorn."""
+    from lmscale.serve.app import create_app
+
+    engine, name = build_engine(options)
+    app = create_app(engine, name, api_key=api_key(options))
     app.router.on_shutdown.append(engine.close)
     return app, name
 
