@@ -81,3 +81,24 @@ def test_bad_scale_out_arguments_are_one_line_errors(args, message):
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_the_kuberay_manifest_builds_the_application():
+    pytest.importorskip("ray")
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+
+    from lmscale.errors import LmscaleError
+    from lmscale.serve.scale_out import app_builder
+
+    manifest = yaml.safe_load((REPO / "deploy" / "rayservice.yaml").read_text())
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    (app,) = serve_config["applications"]
+    module, name = app["import_path"].split(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert builder is app_builder
+    assert isinstance(builder(app["args"]), Application)
+    with pytest.raises(LmscaleError, match="unknown lmscale args: replica"):
+        builder({"replica": "2"})

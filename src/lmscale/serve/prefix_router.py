@@ -10,9 +10,11 @@ full prompt blocks it has sent to each replica, keyed like the engine's own cach
     owner    k -> the replica that last received a prompt holding block k
 
 A new request's deepest key with an owner names the replica holding its longest cached prefix.
-That replica is ranked first unless it is busy: full (`max_ongoing_requests`), or more than
-`imbalance` requests past the least loaded candidate. Otherwise, and for prompts with no known
-prefix, the ranking is Ray's own power of two choices. The map is an estimate (a replica may have
+That replica is ranked first if the prefix is more than `min_match` of the prompt's full blocks
+(a later turn of a chat, a long shared system prompt; not a short system prompt that every
+request begins with, which would pull all traffic to one replica) and it is not busy: full
+(`max_ongoing_requests`), or more than `imbalance` requests past the least loaded candidate.
+Otherwise the ranking is Ray's own power of two choices. The map is an estimate (a replica may have
 evicted a block since); it holds at most `max_blocks` keys, the oldest dropped first, and forgets
 a replica that dies.
 """
@@ -45,14 +47,16 @@ def prompt_block_keys(prompt_ids: list[int], block_size: int) -> list[bytes]:
 class PrefixAwareRouter(FIFOMixin, RequestRouter):
     """Ray Serve's `RequestRouter` for lmscale's engine replicas (see the module docstring).
 
-    Options (`request_router_kwargs`): `block_size` (the engines' KV block size), `imbalance`
-    and `max_blocks`.
+    Options (`request_router_kwargs`): `block_size` (the engines' KV block size), `min_match`,
+    `imbalance` and `max_blocks`.
     """
 
     def initialize_state(
-        self, block_size: int = 16, imbalance: int = 4, max_blocks: int = 200_000, **_
-    ) -> None:
-        self.block_size, self.imbalance, self.max_blocks = block_size, imbalance, max_blocks
+        self, block_size: int = 16, min_match: float = 0.5, imbalance: int = 4,
+        max_blocks: int = 200_000, **_,
+    ) -> None:  # fmt: skip
+        self.block_size, self.min_match = block_size, min_match
+        self.imbalance, self.max_blocks = imbalance, max_blocks
         self._owner: OrderedDict[bytes, ReplicaID] = OrderedDict()
 
     async def choose_replicas(
@@ -87,8 +91,12 @@ class PrefixAwareRouter(FIFOMixin, RequestRouter):
         return prompt_block_keys(prompt, self.block_size) if prompt else []
 
     def _prefix_owner(self, pending_request, by_id: dict) -> RunningReplica | None:
-        for key in reversed(self._keys(pending_request)):
-            replica = by_id.get(self._owner.get(key))
+        """The replica holding more than `min_match` of the prompt's blocks, if one does."""
+        keys = self._keys(pending_request)
+        for depth in range(len(keys), 0, -1):
+            if depth <= self.min_match * len(keys):
+                break
+            replica = by_id.get(self._owner.get(keys[depth - 1]))
             if replica is not None:
                 return replica
         return None

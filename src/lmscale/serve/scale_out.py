@@ -178,3 +178,40 @@ def serve_replicas(options: ServeOptions, scale: ScaleOptions) -> None:
         from ray import serve
 
         serve.delete(APP_NAME)
+
+
+def app_builder(args: dict[str, str]):
+    """The application from the `args` of a Ray Serve config file, for `serve run`,
+    `serve deploy` and KubeRay's RayService (see deploy/rayservice.yaml):
+
+        import_path: lmscale.serve.scale_out:app_builder
+        args: {model: smollm2-135m-instruct, autoscale: "1:4", threads_per_replica: "2"}
+
+    Keys: model, served_model_name, api_key, dtype, eager, replicas, autoscale,
+    target_ongoing_requests, upscale_delay_s, downscale_delay_s, threads_per_replica, routing.
+    """
+    from lmscale.engine.config import EngineConfig
+
+    known = {
+        "model", "served_model_name", "api_key", "dtype", "eager", "replicas", "autoscale",
+        "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
+        "threads_per_replica", "routing",
+    }  # fmt: skip
+    if unknown := set(args) - known:
+        raise LmscaleError(f"unknown lmscale args: {', '.join(sorted(unknown))}")
+    eager = str(args.get("eager", "false")).lower() in ("1", "true", "yes")
+    options = ServeOptions(
+        model=args.get("model", "smollm2-135m-instruct"), dtype=args.get("dtype"),
+        served_name=args.get("served_model_name"), api_key=args.get("api_key"),
+        engine=EngineConfig(compiled_decode=not eager),
+    )  # fmt: skip
+    autoscale = args.get("autoscale")
+    scale = ScaleOptions(
+        replicas=int(args.get("replicas", 1)),
+        autoscale=parse_autoscale(str(autoscale)) if autoscale else None,
+        target_ongoing_requests=float(args.get("target_ongoing_requests", 8)),
+        upscale_delay_s=float(args.get("upscale_delay_s", 5)),
+        downscale_delay_s=float(args.get("downscale_delay_s", 30)),
+        threads=int(args.get("threads_per_replica", 1)), routing=args.get("routing", "prefix"),
+    )  # fmt: skip
+    return build_application(options, scale)
