@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -50,7 +51,7 @@ def main() -> None:
     args = parse_args()
     results = {"machine": machine(), "date": str(date.today()), "max_tokens": args.max_tokens}
     results["throughput"] = []
-    for replicas, threads in ((1, 2), (2, 1)):
+    for replicas, threads in ((1, 2), (2, 1)) if "throughput" in args.phases else ():
         flags = ["--replicas", str(replicas), "--threads-per-replica", str(threads)]
         with running(args, flags, warm=replicas) as (url, model):
             for clients in args.clients:
@@ -60,10 +61,11 @@ def main() -> None:
                 results["throughput"].append({"replicas": replicas, "threads": threads, **stats})
     spike = ["--autoscale", "1:2", "--target-ongoing-requests", "4", "--upscale-delay-s", "1",
              "--threads-per-replica", "1"]  # fmt: skip
-    with running(args, spike, warm=1) as (url, model):
-        results["spike_s"] = asyncio.run(measure_spike(url, model, args))
+    if "spike" in args.phases:
+        with running(args, spike, warm=1) as (url, model):
+            results["spike_s"] = asyncio.run(measure_spike(url, model, args))
     results["routing"] = {}
-    for routing in ("prefix", "power-of-two"):
+    for routing in ("prefix", "power-of-two") if "routing" in args.phases else ():
         flags = ["--replicas", "2", "--threads-per-replica", "1", "--routing", routing]
         with running(args, flags, warm=2) as (url, model):
             results["routing"][routing] = asyncio.run(chat_workload(url, model, args))
@@ -80,10 +82,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--conversations", type=int, default=8, help="chats in the routing workload")
     p.add_argument("--turns", type=int, default=4, help="turns of each chat")
+    p.add_argument(
+        "--think-s",
+        type=float,
+        default=2.0,
+        help="a user's pause before the next turn: uniform in [0, 2 x this] s",
+    )
+    p.add_argument(
+        "--phases", default="throughput,spike,routing", help="which phases to run, comma-separated"
+    )
     p.add_argument("--eager", action="store_true", help="serve with `--eager`")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = p.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
+    args.phases = set(args.phases.split(","))
     return args
 
 
@@ -190,9 +202,15 @@ async def chat_workload(url: str, model: str, args) -> dict:
     async with httpx.AsyncClient(base_url=url, timeout=600) as http:
 
         async def chat(i: int):
+            # Users pause between turns (seeded): without the pauses every client's next turn
+            # leaves just as its last one ends, when that replica is the less loaded one, and
+            # power-of-two choices keeps conversations in place by accident.
+            pause = random.Random(i)
             opening = f"Conversation {i}. " + LONG_MESSAGE
             messages = [{"role": "user", "content": opening}]
             for turn in range(args.turns):
+                if turn:
+                    await asyncio.sleep(pause.uniform(0, 2 * args.think_s))
                 answer = await stream_messages(http, model, messages, args.max_tokens)
                 if turn:
                     ttfts.append(answer["ttft_s"])
@@ -224,9 +242,10 @@ def report(results: dict) -> None:
             f"{s['itl_p50_s'] * 1e3:.0f} / {s['itl_p99_s'] * 1e3:.0f} |"
         )
     by = {(s["replicas"], s["clients"]): s["output_tokens_per_s"] for s in results["throughput"]}
-    for clients in sorted({c for _, c in by}):
+    for clients in sorted({c for _, c in by if (1, c) in by and (2, c) in by}):
         print(f"2 x 1 over 1 x 2 at {clients} clients: {by[2, clients] / by[1, clients]:.2f}x")
-    print(f"load spike -> the second replica's first tokens: {results['spike_s']:.1f} s")
+    if "spike_s" in results:
+        print(f"load spike -> the second replica's first tokens: {results['spike_s']:.1f} s")
     for routing, r in results["routing"].items():
         print(
             f"routing {routing}: prefix-cache hit rate {r['hit_rate']:.1%} "

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lmscale.cli.chat import chat, chat_args
+from lmscale.cli.federate import federate, federate_args
 from lmscale.cli.generate import generate, generate_args
 from lmscale.cli.model_options import keep_quantized_arg
 from lmscale.cli.plan import plan, plan_args
@@ -871,6 +872,11 @@ VERBS: dict[str, Verb] = {
     "finetune": (finetune_args, None, "fine-tune a model: LoRA / QLoRA adapters, classifiers"),
     "classify": (classify_args, classify, "label passages with a trained classifier"),
     "merge": (merge_args, merge, "fold a LoRA adapter into its base model, save a model folder"),
+    "federate": (
+        federate_args,
+        federate,
+        "fine-tune one model across clients whose data stays with them (Flower, with DP)",
+    ),
     "plan": (
         plan_args,
         plan,
