@@ -20,7 +20,12 @@ def federate_args(p: argparse.ArgumentParser) -> None:
         help="shakespeare-genres (one client per genre of the bundled plays) or a "
         "folder with one sub-folder, .jsonl or text file per client",
     )
-    p.add_argument("--clients", type=int, default=6, help="clients (the first N of --data)")
+    p.add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="clients: the first N of --data (default: all of them)",
+    )
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument(
         "--fraction",
@@ -98,13 +103,16 @@ def federate(args: argparse.Namespace, _: list[str]) -> None:
     from lmscale.federated.runtime import federate as run
     from lmscale.finetune.lora import LoRAConfig
 
+    from lmscale.federated.partition import client_partitions
+
+    clients = args.clients if args.clients is not None else len(client_partitions(args.data))
     lr = args.lr if args.lr is not None else (2e-4 if args.adapter == "lora" else 1e-3)
     local = LocalConfig(
         steps=args.local_steps, batch_size=args.batch_size, context=args.context, lr=lr,
         eval_tokens=args.eval_tokens,
     )  # fmt: skip
     config = FederateConfig(
-        model=args.model, data=args.data, clients=args.clients, rounds=args.rounds,
+        model=args.model, data=args.data, clients=clients, rounds=args.rounds,
         fraction=args.fraction, strategy=args.strategy, mu=args.mu, adapter=args.adapter,
         lora=LoRAConfig(rank=args.rank, alpha=args.alpha, targets=args.targets), local=local,
         dp_clip=args.dp_clip, dp_noise=args.dp_noise, dp_epsilon=args.dp_epsilon,

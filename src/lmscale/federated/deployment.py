@@ -39,7 +39,9 @@ def write_app(folder: Path, config: FederateConfig, out: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{APP_MODULE}.py").write_text(
         '"""lmscale\'s federated apps, named for Flower\'s Deployment Engine."""\n\n'
-        "from lmscale.federated.apps import client, server  # noqa: F401\n"
+        "from lmscale.federated import apps\n\n"
+        "client = apps.client\n"
+        "server = apps.server\n"
     )
     run_config = {CONFIG_KEY: config.to_json(), OUT_KEY: str(out.resolve())}
     (folder / "pyproject.toml").write_text(f"""\
