@@ -100,10 +100,9 @@ def federate(args: argparse.Namespace, _: list[str]) -> None:
         ) from None
     from lmscale.federated.config import FederateConfig
     from lmscale.federated.local import LocalConfig
+    from lmscale.federated.partition import client_partitions
     from lmscale.federated.runtime import federate as run
     from lmscale.finetune.lora import LoRAConfig
-
-    from lmscale.federated.partition import client_partitions
 
     clients = args.clients if args.clients is not None else len(client_partitions(args.data))
     lr = args.lr if args.lr is not None else (2e-4 if args.adapter == "lora" else 1e-3)
