@@ -57,6 +57,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", default="", help="phases to skip: fedprox,local,dp,dpsgd")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="perplexity by round of each federated run beside the baselines (PNG)",
+    )
     args = p.parse_args()
     skip = set(filter(None, args.skip.split(",")))
 
@@ -122,6 +128,8 @@ def main() -> None:
                         "lora_per_round": per_round(lora_bytes),
                         "full_per_round": per_round(full_bytes)}  # fmt: skip
     report(results, args)
+    if args.plot:
+        plot(results, args.plot)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -158,6 +166,30 @@ def report(results: dict, args) -> None:
           f"({b['full_per_round'] / b['lora_per_round']:.0f}x); measured LoRA "
           f"{results['fedavg']['bytes_per_round'] / 1e6:.1f} MB")  # fmt: skip
     sys.stdout.flush()
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in results.items():
+        if "by_round" in r:
+            ax.plot(range(len(r["by_round"])), r["by_round"], marker="o", label=name)
+    ax.axhline(results["centralised"]["perplexity"], color="black", linestyle="--",
+               label="centralised (pooled data)")  # fmt: skip
+    locals_ = [v["perplexity"] for k, v in results.items() if k.startswith("local:")]
+    if locals_:
+        ax.axhline(min(locals_), color="grey", linestyle=":", label="best local-only")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global held-out perplexity")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
