@@ -134,6 +134,11 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
+def replot(json_path: Path, png: Path) -> None:
+    """The plot again from a run's --json (python -c 'import federated; federated.replot(...)')."""
+    plot(json.loads(json_path.read_text()), png)
+
+
 def _fmt(r: dict) -> str:
     text = f"perplexity {r['perplexity']:.2f}"
     if r.get("epsilon") is not None:
@@ -175,8 +180,13 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    start = results["start"]["perplexity"]
     for name, r in results.items():
-        if "by_round" in r:
+        if "by_round" not in r:
+            continue
+        if max(r["by_round"]) > 2 * start:  # diverged (client-level DP with few clients)
+            ax.plot([], [], label=f"{name}: off the chart ({r['perplexity']:.3g})")
+        else:
             ax.plot(range(len(r["by_round"])), r["by_round"], marker="o", label=name)
     ax.axhline(results["centralised"]["perplexity"], color="black", linestyle="--",
                label="centralised (pooled data)")  # fmt: skip
@@ -185,7 +195,6 @@ def plot(results: dict, path: Path) -> None:
         ax.axhline(min(locals_), color="grey", linestyle=":", label="best local-only")
     ax.set_xlabel("round")
     ax.set_ylabel("global held-out perplexity")
-    ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -125,3 +125,20 @@ def test_an_error_in_the_step_loop_fails_every_stream_instead_of_hanging(tiny_to
     engine.engine.step = broken
     with pytest.raises(Exception, match="boom"):
         asyncio.run(collect(engine, GenerationRequest([5, 6], GREEDY)))
+
+
+def test_a_passing_thread_returns_the_result_or_raises_and_is_gone():
+    import threading
+
+    from lmscale.engine.async_engine import on_a_passing_thread
+
+    seen = []
+
+    def load(x):
+        seen.append(threading.current_thread())
+        return x * 2
+
+    assert on_a_passing_thread(load, 21) == 42
+    assert seen[0] is not threading.main_thread() and not seen[0].is_alive()
+    with pytest.raises(ValueError, match="bad model"):
+        on_a_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad model")))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -106,8 +107,7 @@ def run_server(grid: Grid, config: FederateConfig, out: Path) -> None:
     noise, delta = privacy_parameters(config)
     book = RoundBook([p.name for p in parts])
     strategy = build_strategy(config, book, noise if config.client_level_dp else None)
-    local = config.local
-    budget = type(local)(**{**local.__dict__, "eval_tokens": len(heldout)})
+    budget = replace(config.local, eval_tokens=len(heldout))  # score the whole global set
     started = time.perf_counter()
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:

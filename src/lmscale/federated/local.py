@@ -19,6 +19,7 @@ dp_noise * dp_clip added to the sum. The client's epsilon follows from its step 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -160,45 +161,51 @@ def _train_round_dp(model: nn.Module, windows: Tensor, config: LocalConfig, seed
     params = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in params] if config.mu > 0 else []
     sampled = GradSampleModule(model, loss_reduction="mean")
-    g = torch.Generator().manual_seed(seed)
     optimizer = DPOptimizer(
         _optimizer(params, config), noise_multiplier=config.dp_noise,
         max_grad_norm=config.dp_clip, expected_batch_size=config.batch_size,
         loss_reduction="mean", generator=torch.Generator().manual_seed(seed + 1),
     )  # fmt: skip
+    draw = torch.Generator().manual_seed(seed)
     rate = min(1.0, config.batch_size / len(windows))
     model.train()
     losses = []
     try:
-        for _ in range(config.steps):
-            picked = torch.rand(len(windows), generator=g) < rate
-            batch = windows[picked]
-            if len(batch) == 0:  # Poisson sampling drew nothing: the step is noise alone
-                for p in params:
-                    p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
-            else:
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                # Per-window mean losses averaged over the expected batch: Opacus scales
-                # each clipped per-sample gradient by 1 / expected_batch_size.
-                logits = sampled(inputs)
-                per_token = nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(), reduction="none"
-                ).view_as(targets)
-                loss = per_token.mean(1).sum() / config.batch_size
-                losses.append(per_token.mean().item())
-                loss.backward()
-            optimizer.pre_step()  # clip per sample, add noise, scale
-            if anchor:  # the proximal term depends on no sample: added after the noise
-                with torch.no_grad():
-                    for p, a in zip(params, anchor, strict=True):
-                        p.grad.add_(config.mu * (p - a))
-            optimizer.original_optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        # Opacus's hooks warn that no module input requires grad: the frozen base's activations
+        # do not; the adapters' weights, which do, get their per-sample gradients all the same.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            for _ in range(config.steps):
+                batch = windows[torch.rand(len(windows), generator=draw) < rate]
+                if len(batch):
+                    losses.append(_dp_backward(sampled, batch, config.batch_size))
+                else:  # Poisson sampling drew nothing: the step is noise alone
+                    for p in params:
+                        p.grad_sample = torch.zeros(0, *p.shape, dtype=p.dtype)
+                optimizer.pre_step()  # clip per sample, add noise, scale
+                if anchor:  # the proximal term depends on no sample: added after the noise
+                    with torch.no_grad():
+                        for p, a in zip(params, anchor, strict=True):
+                            p.grad.add_(config.mu * (p - a))
+                optimizer.original_optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
     finally:
         sampled._close()
     model.eval()
     _check_finite(losses)
     return LocalResult(float(np.mean(losses)) if losses else math.nan, len(windows), config.steps)
+
+
+def _dp_backward(sampled: nn.Module, batch: Tensor, expected_batch: int) -> float:
+    """Backward of the batch's per-window mean losses summed over the expected batch size
+    (Opacus clips each window's gradient, then scales the sum by 1 / expected_batch)."""
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+    logits = sampled(inputs)
+    per_token = nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), reduction="none"
+    ).view_as(targets)
+    (per_token.mean(1).sum() / expected_batch).backward()
+    return per_token.mean().item()
 
 
 def _optimizer(params: list[Tensor], config: LocalConfig) -> torch.optim.Optimizer:

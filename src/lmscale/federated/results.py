@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lmscale.checkpoint import save_model_dir
 from lmscale.config import to_dict
+from lmscale.errors import LmscaleError
 from lmscale.federated.config import FederateConfig
 from lmscale.finetune.adapter import adapter_record, write_adapter
 from lmscale.finetune.lora import adapter_state_dict
@@ -31,8 +32,6 @@ PLOT = "perplexity.png"
 
 def prepare_out(out: Path, config: FederateConfig) -> None:
     """Create `out` for a new run; a folder that already holds one is refused."""
-    from lmscale.errors import LmscaleError
-
     if (out / ROUNDS).exists():
         raise LmscaleError(f"{out} already holds a federated run: choose a new --out")
     out.mkdir(parents=True, exist_ok=True)

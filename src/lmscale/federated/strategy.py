@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedProx
 
@@ -154,6 +154,3 @@ def _payload(messages: Iterable[Message]) -> int:
         if message.has_content():
             total += sum(r.count_bytes() for r in message.content.array_records.values())
     return total
-
-
-__all__ = ["ARRAYS", "METRICS", "MetricRecord", "RoundBook", "build_strategy", "recording"]

@@ -28,7 +28,17 @@ class ServeOptions:
 
 
 def build_engine(options: ServeOptions):
-    """The model loaded and its `AsyncEngine` started, and the name the API serves it under."""
+    """The model loaded and its `AsyncEngine` started, and the name the API serves it under.
+
+    The loading runs on a thread of its own that then exits (see `on_a_passing_thread`): the
+    engine's step thread must be the only thread with a pool of OpenMP workers.
+    """
+    from lmscale.engine.async_engine import on_a_passing_thread
+
+    return on_a_passing_thread(_build_engine, options)
+
+
+def _build_engine(options: ServeOptions):
     from lmscale.checkpoint import load_pretrained
     from lmscale.engine.async_engine import AsyncEngine
     from lmscale.model import decode_layout_
