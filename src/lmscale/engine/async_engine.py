@@ -10,17 +10,24 @@ inbox, run a step, hand each output to its request's `asyncio.Queue` on the call
     (consumer leaves) --- ("abort", id) -->  engine.abort(id): blocks freed before the next step
 
 Only the engine thread touches the engine's state; the event loop only reads counts for `stats`.
+
+When there is nothing to step, the thread does the `QualityMonitor`'s work (a probe text's
+perplexity, the loss of recent prompts) one window at a time, checking its inbox between windows,
+so a request that arrives waits for at most one window.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, replace
 from typing import TypeVar
 
 from lmscale.engine.config import EngineConfig
 from lmscale.engine.engine import EngineStats, LLMEngine
+from lmscale.engine.quality import QualityMonitor
 from lmscale.engine.request import EngineDeadError, GenerationRequest, RequestOutput
 from lmscale.errors import LmscaleError
 from lmscale.model import Transformer
@@ -64,15 +71,19 @@ class AsyncEngine:
         model: a model in eval mode.
         tokenizer: its tokenizer.
         config: the engine's budgets and queue bound.
+        monitor: quality work for the engine thread's idle moments; with one, the thread starts
+            at once (a probe is scored at start).
     """
 
     replicas = 1
     """Engines behind this one, for a server's metrics (a Ray Serve deployment has several)."""
 
     def __init__(
-        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None
-    ):
+        self, model: Transformer, tokenizer: Tokenizer, config: EngineConfig | None = None,
+        monitor: QualityMonitor | None = None,
+    ):  # fmt: skip
         self.engine = LLMEngine(model, tokenizer, config)
+        self.monitor = monitor
         self.tokenizer = tokenizer
         self.max_seq_len = model.config.max_seq_len
         """The model's context: a request's prompt plus max_new_tokens must fit in it."""
@@ -83,6 +94,8 @@ class AsyncEngine:
         self._closed = False
         self._error: BaseException | None = None
         self._warm_up_pending = False
+        if monitor is not None:
+            self._start()
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Submit a request and stream its outputs, one per step that produced a token.
@@ -139,7 +152,14 @@ class AsyncEngine:
         stats = self.engine.stats()
         with self._cond:
             stats.num_waiting += self._pending_adds()
+        if self.monitor is not None:
+            stats = replace(stats, **asdict(self.monitor.snapshot))
         return stats
+
+    def in_flight(self) -> int:
+        """Requests submitted whose streams have not ended yet."""
+        with self._cond:
+            return len(self._streams)
 
     def warm_up(self) -> None:
         """Compile the decode step's graphs in a background thread once the first request has
@@ -181,10 +201,16 @@ class AsyncEngine:
         while True:
             with self._cond:
                 while not (self._closed or self._inbox or self.engine.has_unfinished()):
-                    self._cond.wait()
+                    idle_wait = self._idle_wait()
+                    if idle_wait == 0:
+                        break
+                    self._cond.wait(None if math.isinf(idle_wait) else idle_wait)
                 if self._closed:
                     break
                 commands, self._inbox = self._inbox, []
+            if not commands and not self.engine.has_unfinished():
+                self._idle_work()
+                continue
             try:
                 outputs = [out for cmd in commands if (out := self._apply(*cmd)) is not None]
                 if self.engine.has_unfinished():
@@ -201,12 +227,28 @@ class AsyncEngine:
             out = self.engine.abort(request_id)
             self._deliver(out or EngineDeadError("the engine is closed"), request_id)
 
+    def _idle_wait(self) -> float:
+        """Seconds until the monitor has work (0: now; inf: never, or no monitor)."""
+        return math.inf if self.monitor is None else self.monitor.seconds_until_work()
+
+    def _idle_work(self) -> None:
+        try:
+            self.monitor.work()
+        except Exception as error:  # noqa: BLE001 - quality numbers must never stop serving
+            import warnings
+
+            warnings.warn(f"the quality monitor failed and stops: {error!r}", stacklevel=1)
+            self.monitor = None
+
     def _apply(self, kind: str, item: GenerationRequest | str) -> RequestOutput | None:
         if kind == "add":
             try:
                 self.engine.enqueue(item)
             except LmscaleError as error:
                 self._deliver(error, item.request_id)
+            else:
+                if self.monitor is not None:
+                    self.monitor.record_prompt(item.prompt_ids)
             return None
         return self.engine.abort(item)
 

@@ -57,6 +57,34 @@ class EngineStats:
     """Of those, tokens found cached: their keys and values were reused, not computed."""
     decode_compiled: int = 0
     """1 once every graph of the compiled decode step is ready (0 while compiling, or eager)."""
+    max_num_seqs: int = 0
+    """The most requests the running batch may hold: `num_running / max_num_seqs` is its
+    occupancy."""
+    token_budget: int = 0
+    """Tokens one step may compute (`max_num_batched_tokens`)."""
+    steps: int = 0
+    """Steps run since the engine started."""
+    step_tokens: int = 0
+    """Tokens computed in those steps (prompt tokens prefilled plus one per decoding row)."""
+    gpu_memory_allocated: int = 0
+    """Bytes of CUDA memory in tensors on the model's device (0 on the CPU)."""
+    gpu_memory_reserved: int = 0
+    """Bytes of CUDA memory held by torch's caching allocator (0 on the CPU)."""
+    probe_loss: float | None = None
+    """The quality probe's latest mean per-token loss (see `lmscale.engine.quality`)."""
+    probe_timestamp: float | None = None
+    probe_runs: int = 0
+    prompt_loss_nats: float = 0.0
+    prompt_loss_tokens: int = 0
+    recent_prompt_loss: float | None = None
+
+
+COUNTERS = (
+    "num_preemptions", "prompt_tokens_total", "generation_tokens_total", "prefix_cache_queries",
+    "prefix_cache_hits", "steps", "step_tokens", "probe_runs", "prompt_loss_nats",
+    "prompt_loss_tokens",
+)  # fmt: skip
+"""The `EngineStats` fields that only grow: totals since the engine started."""
 
 
 class LLMEngine:
@@ -87,6 +115,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache, step)
         self._texts: dict[str, TextStream] = {}
         self._prompt_tokens = self._generated_tokens = 0
+        self._steps = self._step_tokens = 0
 
     def _pool_blocks(self) -> int:
         """Blocks that fit the memory budget, but no more than a full batch of full contexts."""
@@ -209,6 +238,8 @@ class LLMEngine:
             of a chunked prefill produces none).
         """
         batch = self.scheduler.schedule()
+        self._steps += 1
+        self._step_tokens += sum(batch.n_tokens)
         prefill = [(r, n) for r, n in zip(batch.requests, batch.n_tokens, strict=True) if n > 1]
         decode = [(r, n) for r, n in zip(batch.requests, batch.n_tokens, strict=True) if n == 1]
         outputs = []
@@ -264,13 +295,18 @@ class LLMEngine:
         )  # fmt: skip
 
     def stats(self) -> EngineStats:
-        allocator = self.cache.allocator
+        allocator, device = self.cache.allocator, self.runner.device
+        on_gpu = device.type == "cuda"
         return EngineStats(
             len(self.scheduler.waiting), len(self.scheduler.running), allocator.n_used,
             allocator.n_blocks, self.config.block_size, self.scheduler.num_preemptions,
             self._prompt_tokens, self._generated_tokens,
             self.scheduler.prefix_cache_queries, self.scheduler.prefix_cache_hits,
             int(self.runner.step is not None and self.runner.compile_inline),
+            self.config.max_num_seqs, self.config.max_num_batched_tokens,
+            self._steps, self._step_tokens,
+            torch.cuda.memory_allocated(device) if on_gpu else 0,
+            torch.cuda.memory_reserved(device) if on_gpu else 0,
         )  # fmt: skip
 
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:

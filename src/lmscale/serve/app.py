@@ -1,5 +1,6 @@
 """The HTTP API: OpenAI's `/v1/completions`, `/v1/chat/completions` and `/v1/models`, plus
-`/health`, `/metrics` (Prometheus) and the chat page at `/`.
+`/health`, `/metrics` (Prometheus), the chat page at `/`, and the admin API: `POST /admin/reload`
+(new weights into service without downtime, see `lmscale.serve.reload`) and `GET /admin/model`.
 
 Each request becomes `n` engine streams; their deltas become either one JSON answer or
 server-sent events ending with `data: [DONE]`. A client that goes away mid-stream closes its
@@ -21,8 +22,9 @@ from dataclasses import replace
 from importlib.resources import files
 from typing import Protocol
 
-from fastapi import FastAPI, Request
+from fastapi import Body, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 
 from lmscale.engine.engine import EngineStats
 from lmscale.engine.request import (
@@ -45,6 +47,7 @@ from lmscale.serve.protocol import (
     now,
     usage,
 )
+from lmscale.serve.reload import ModelSource, ReloadBusyError, ReloadError
 from lmscale.tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 1 << 20
@@ -63,14 +66,30 @@ class EngineLike(Protocol):
     def stats(self) -> EngineStats: ...
 
 
+class ReloadRequest(BaseModel):
+    """`POST /admin/reload`: what to serve next. An absent field keeps what is served (an
+    absent `model` with a new `adapter`: the adapter on the served model); a new `model` alone
+    drops the adapter; an empty body reads the served model and adapter again from disk."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    adapter: str | None = None
+
+
 def create_app(
     engine: EngineLike, model_name: str, api_key: str | None = None,
-    max_body_bytes: int = MAX_BODY_BYTES,
+    max_body_bytes: int = MAX_BODY_BYTES, admin_key: str | None = None,
 ) -> FastAPI:  # fmt: skip
-    """The ASGI app serving `engine`'s model under the name `model_name`."""
+    """The ASGI app serving `engine`'s model under the name `model_name`.
+
+    The admin API needs `admin_key` (as a bearer token) and an engine that can reload (an
+    `EngineSwitch`); without a key it answers 403.
+    """
     app = FastAPI(title="lmscale", version="0.1.0")
     replicas = (lambda: engine.per_replica) if hasattr(engine, "per_replica") else None
-    metrics = ServerMetrics(lambda: _engine_stats(engine), replicas)
+    switch = engine if hasattr(engine, "reload") else None
+    app.state.switch = switch
+    metrics = ServerMetrics(lambda: _engine_stats(engine), replicas, switch)
     api = _Api(engine, model_name, metrics)
     install_handlers(app)
 
@@ -81,6 +100,15 @@ def create_app(
         if api_key and path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
                 return _error(401, "missing or wrong API key (send 'Authorization: Bearer KEY')")
+        if path.startswith("/admin/"):
+            if admin_key is None:
+                return _error(403, "the admin API is off: start the server with --admin-key "
+                              "(or LMSCALE_ADMIN_KEY, or an API key)")  # fmt: skip
+            if request.headers.get("authorization", "") != f"Bearer {admin_key}":
+                return _error(401, "missing or wrong admin key (send 'Authorization: Bearer "
+                              "KEY')")  # fmt: skip
+            if switch is None:
+                return _error(501, "this server cannot reload (behind Ray Serve, redeploy)")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
             return _error(413, f"the request body exceeds {max_body_bytes} bytes")
@@ -110,6 +138,20 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest):
         return await api.chat(body)
 
+    @app.get("/admin/model")
+    async def served_model() -> dict:
+        return switch.describe() | {"last_error": switch.last_error}
+
+    @app.post("/admin/reload")
+    async def reload(body: ReloadRequest | None = Body(default=None)) -> dict:  # noqa: B008
+        source = _next_source(switch.source, body)
+        try:
+            return {"status": "ok"} | await switch.reload(source)
+        except ReloadBusyError as error:
+            raise APIError(409, str(error)) from None
+        except ReloadError as error:
+            raise APIError(400, str(error), None, "invalid_model") from None
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return files("lmscale.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -117,7 +159,19 @@ def create_app(
     return app
 
 
-def _engine_stats(engine: EngineLike) -> dict[str, int]:
+def _next_source(served: ModelSource, body: ReloadRequest | None) -> ModelSource:
+    """What a reload request asks to serve (see `ReloadRequest`)."""
+    if body is None or not body.model_fields_set:
+        return served
+    if "model" in body.model_fields_set and body.model is None:
+        raise APIError(400, "'model' must name a model to serve", "model")
+    model = body.model if "model" in body.model_fields_set else served.model
+    if "adapter" in body.model_fields_set:
+        return ModelSource(model, body.adapter)
+    return ModelSource(model, served.adapter if model == served.model else None)
+
+
+def _engine_stats(engine: EngineLike) -> dict[str, int | float | None]:
     """The engine's numbers that /metrics exports, by metric name less `lmscale_`."""
     stats = engine.stats()
     return {
@@ -125,7 +179,15 @@ def _engine_stats(engine: EngineLike) -> dict[str, int]:
         "kv_blocks_used": stats.kv_blocks_used, "kv_blocks_total": stats.kv_blocks_total,
         "prefix_cache_queries": stats.prefix_cache_queries,
         "prefix_cache_hits": stats.prefix_cache_hits, "decode_compiled": stats.decode_compiled,
-        "replicas": engine.replicas,
+        "replicas": engine.replicas, "max_num_seqs": stats.max_num_seqs,
+        "token_budget": stats.token_budget, "engine_steps": stats.steps,
+        "step_tokens": stats.step_tokens,
+        "gpu_memory_allocated_bytes": stats.gpu_memory_allocated,
+        "gpu_memory_reserved_bytes": stats.gpu_memory_reserved,
+        "probe_loss": stats.probe_loss, "probe_timestamp": stats.probe_timestamp,
+        "probe_runs": stats.probe_runs, "prompt_loss_nats": stats.prompt_loss_nats,
+        "prompt_loss_tokens": stats.prompt_loss_tokens,
+        "recent_prompt_loss": stats.recent_prompt_loss,
     }  # fmt: skip
 
 

@@ -12,6 +12,25 @@ lmscale_prefix_cache_hit_rate                   hits / queries since the start (
 lmscale_decode_compiled                         1 once the compiled decode step's graphs are
                                                 ready (0 while they compile, or with --eager)
 lmscale_replicas                                engine replicas answering (1 in one process)
+lmscale_max_num_seqs, lmscale_token_budget      the batch's bounds: requests, tokens per step
+lmscale_batch_occupancy                         running requests / max_num_seqs
+lmscale_engine_steps_total, lmscale_step_tokens_total
+                                                steps run and tokens they computed (their rates'
+                                                ratio over the token budget: the steps' fill)
+lmscale_gpu_memory_allocated_bytes, lmscale_gpu_memory_reserved_bytes
+                                                CUDA memory in tensors / held by torch (0 on CPU)
+process_cpu_seconds_total, process_resident_memory_bytes, ...
+                                                the server process (prometheus_client's own)
+lmscale_probe_loss, lmscale_probe_perplexity    the probe text's (--probe) mean loss in nats, and
+                                                exp of it, at its latest scoring
+lmscale_probe_timestamp_seconds, lmscale_probe_runs_total
+lmscale_prompt_loss                             mean per-token loss of the latest scored prompts
+lmscale_prompt_loss_nats_total, lmscale_prompt_loss_tokens_total
+                                                every scored prompt token's loss, and the tokens
+lmscale_model_info{model, adapter}              1, labelled with what is served now
+lmscale_model_loaded_timestamp_seconds          when it was put into service
+lmscale_reloads_total{result}                   reloads done ("ok") and refused ("refused")
+lmscale_engines_draining                        replaced engines still finishing their requests
 lmscale_replica_*{replica}                      behind Ray Serve, each live replica's own:
                                                 running_requests, queue_depth, kv_blocks_used,
                                                 kv_blocks_total, generation_tokens_total
@@ -23,9 +42,17 @@ keep what replicas that have since stopped had counted, so they never go down.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -38,15 +65,67 @@ class _EngineCounters(Collector):
     COUNTERS = {
         "prefix_cache_queries": "Tokens looked up in the prefix cache as requests were admitted",
         "prefix_cache_hits": "Tokens found in the prefix cache instead of computed",
+        "engine_steps": "Engine steps run",
+        "step_tokens": "Tokens computed by engine steps (prefilled plus decoded)",
+        "probe_runs": "Complete scorings of the probe text",
+        "prompt_loss_nats": "Summed next-token loss of the scored prompt tokens, in nats",
+        "prompt_loss_tokens": "Prompt tokens scored for the prompt-loss gauge",
     }
 
     def __init__(self, engine_stats: Callable[[], dict[str, int]]):
         self.engine_stats = engine_stats
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self.engine_stats()
         for name, text in self.COUNTERS.items():
             yield CounterMetricFamily(f"lmscale_{name}", text, value=stats.get(name, 0))
+        # The quality gauges exist once there is a value: a scrape before the first scoring
+        # has no series, rather than a made-up number.
+        probe = stats.get("probe_loss")
+        if probe is not None:
+            yield GaugeMetricFamily(
+                "lmscale_probe_loss", "Mean per-token loss of the probe text, nats", value=probe
+            )
+            yield GaugeMetricFamily(
+                "lmscale_probe_perplexity", "Perplexity of the probe text", value=math.exp(probe)
+            )
+            yield GaugeMetricFamily(
+                "lmscale_probe_timestamp_seconds", "When the probe was last scored",
+                value=stats["probe_timestamp"],
+            )  # fmt: skip
+        recent = stats.get("recent_prompt_loss")
+        if recent is not None:
+            yield GaugeMetricFamily(
+                "lmscale_prompt_loss", "Mean per-token loss of the latest scored prompts, nats",
+                value=recent,
+            )  # fmt: skip
+
+
+class _Served(Collector):
+    """What is served, since when, and the reloads (from an `EngineSwitch`)."""
+
+    def __init__(self, switch):
+        self.switch = switch
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        s = self.switch
+        info = GaugeMetricFamily(
+            "lmscale_model_info", "What is served now", labels=["model", "adapter"]
+        )
+        info.add_metric([s.source.model, s.source.adapter or ""], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "lmscale_model_loaded_timestamp_seconds", "When the served weights were put into "
+            "service", value=s.loaded_at,
+        )  # fmt: skip
+        reloads = CounterMetricFamily("lmscale_reloads", "Reloads by result", labels=["result"])
+        for result, count in s.reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+        yield GaugeMetricFamily(
+            "lmscale_engines_draining", "Replaced engines still finishing requests",
+            value=s.draining(),
+        )  # fmt: skip
 
 
 class _PerReplica(Collector):
@@ -77,6 +156,11 @@ class _PerReplica(Collector):
         yield tokens
 
 
+def _occupancy(stats: dict) -> float:
+    most = stats.get("max_num_seqs", 0)
+    return stats.get("running_requests", 0) / most if most else 0.0
+
+
 def hit_rate(stats: dict[str, int]) -> float:
     """Prefix-cache hits over queries, 0 before any query."""
     queries = stats.get("prefix_cache_queries", 0)
@@ -89,14 +173,16 @@ class ServerMetrics:
     Args:
         engine_stats: the engine's current numbers by name, without the `lmscale_` prefix.
         per_replica: each replica's `EngineStats` fields by replica id (behind Ray Serve).
+        switch: the `EngineSwitch` serving (for what is served and its reloads), if any.
     """
 
     def __init__(
         self, engine_stats: Callable[[], dict[str, int]],
-        per_replica: Callable[[], dict[str, dict[str, int]]] | None = None,
+        per_replica: Callable[[], dict[str, dict[str, int]]] | None = None, switch=None,
     ):  # fmt: skip
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "lmscale_requests", "Answered requests", ["endpoint", "status"], registry=r
         )
@@ -119,6 +205,10 @@ class ServerMetrics:
             "kv_blocks_total": "KV-cache blocks in the pool",
             "decode_compiled": "1 once the compiled decode step's graphs are all ready",
             "replicas": "Engine replicas answering",
+            "max_num_seqs": "The most requests the running batch may hold",
+            "token_budget": "The most tokens one engine step may compute",
+            "gpu_memory_allocated_bytes": "CUDA memory in tensors (0 without CUDA)",
+            "gpu_memory_reserved_bytes": "CUDA memory held by torch's allocator (0 without CUDA)",
         }
         for name, text in gauges.items():
             gauge = Gauge(f"lmscale_{name}", text, registry=r)
@@ -127,7 +217,13 @@ class ServerMetrics:
             "lmscale_prefix_cache_hit_rate", "Prefix-cache hits over queries, in tokens", registry=r
         )
         rate.set_function(lambda: hit_rate(engine_stats()))
+        occupancy = Gauge(
+            "lmscale_batch_occupancy", "Running requests over max_num_seqs", registry=r
+        )
+        occupancy.set_function(lambda: _occupancy(engine_stats()))
         r.register(_EngineCounters(engine_stats))
+        if switch is not None:
+            r.register(_Served(switch))
         if per_replica is not None:
             r.register(_PerReplica(per_replica))
 
