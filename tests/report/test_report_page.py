@@ -1,9 +1,8 @@
 """The report page opened from disk in a real headless browser (Debian's chromium, Playwright).
 
-Set LMSCALE_REPORT_SCREENSHOT=docs/report.png to keep the screenshot (the README's picture).
+(The README's picture, docs/report.png, is made the same way by bench/report_example.py.)
 """
 
-import os
 import shutil
 
 import pytest
@@ -36,6 +35,3 @@ def test_page_opens_from_disk_with_every_plot_loaded(report_runs, tmp_path):
         assert image.width >= 1400 and image.height > 900  # the whole page, not the viewport
         assert max(ImageStat.Stat(image.convert("RGB")).var) > 0
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 10
-        keep = os.environ.get("LMSCALE_REPORT_SCREENSHOT")
-        if keep:
-            image.convert("RGB").save(keep, optimize=True)
