@@ -9,7 +9,7 @@ import pytest
 
 ORDER = [
     "model", "tokenizer", "data", "checkpoint", "parallel", "train", "compress", "export",
-    "finetune", "federated", "engine", "serve", "plan", "cli",
+    "finetune", "federated", "engine", "serve", "plan", "report", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmscale"
 

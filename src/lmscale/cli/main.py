@@ -19,6 +19,8 @@ from lmscale.cli.federate import federate, federate_args
 from lmscale.cli.generate import generate, generate_args
 from lmscale.cli.model_options import keep_quantized_arg
 from lmscale.cli.plan import plan, plan_args
+from lmscale.cli.report import report as run_report
+from lmscale.cli.report import report_args as run_report_args
 from lmscale.cli.scaling import scaling, scaling_args
 from lmscale.cli.serve import serve, serve_args
 from lmscale.errors import LmscaleError
@@ -883,6 +885,7 @@ VERBS: dict[str, Verb] = {
         "memory, time, cost and energy of training or serving, before it runs",
     ),
     "scaling": (scaling_args, scaling, "train a sweep of sizes, fit scaling laws"),
+    "report": (run_report_args, run_report, "an HTML page and PNGs of finished training runs"),
 }
 
 if __name__ == "__main__":

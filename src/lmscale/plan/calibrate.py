@@ -80,7 +80,7 @@ def calibrate(run_dir: str | Path, device_name: str | None = None) -> Calibratio
         optimizer=train.get("optimizer", "adamw"), attention="flash",
         fused_loss=info.get("strategy", "none") == "none",
     )  # fmt: skip
-    device = _device(info, device_name)
+    device = run_device(info, device_name)
     cluster = Cluster.of(device, strategy.n_devices, devices_per_node=strategy.n_devices)
     memory = training_memory(workload, strategy)
     timed = [r for r in steps if r["step"] > 1] or steps
@@ -127,7 +127,7 @@ def _strategy(parallel: dict, info: dict, train: dict) -> Strategy:
     )  # fmt: skip
 
 
-def _device(info: dict, device_name: str | None) -> Accelerator:
+def run_device(info: dict, device_name: str | None = None) -> Accelerator:
     """The catalog entry for the run's device: `--gpu` if given, else matched by name."""
     if device_name:
         return accelerator(device_name)

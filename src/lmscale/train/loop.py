@@ -131,6 +131,8 @@ class Run:
     """DDP: bytes this rank handed to gradient all-reduces in the last step."""
     step: int = 0
     step_times: list[float] = field(default_factory=list)
+    step_seconds: float = 0.0
+    """Seconds spent in this session's training steps (logged as `elapsed_s`: what energy needs)."""
     loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] = lm_loss_sum
     """Summed loss of a micro-batch: `lm_loss_sum`, compiled (with the model inside) if asked."""
 
@@ -383,6 +385,7 @@ def _step(run: Run) -> float:
     _optimizer_step(run, scaler)
     run.step += 1
     run.step_times.append(time.perf_counter() - start)
+    run.step_seconds += run.step_times[-1]
     if parallel.comm is not None:
         run.comm_bytes = parallel.comm.take()
     return loss
@@ -519,7 +522,7 @@ def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
     metrics.log(
         run.step, loss=loss, lr=run.optimizer.param_groups[0]["lr"],
         tokens_per_s=_tokens_per_step(run) / step_time, step_time_s=step_time,
-        **run.memory.peaks(),
+        elapsed_s=run.step_seconds, **run.memory.peaks(),
         **({"comm_bytes": run.comm_bytes} if run.comm_bytes is not None else {}),
     )  # fmt: skip
 
