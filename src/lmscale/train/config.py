@@ -67,6 +67,10 @@ class TrainConfig:
     """auto (CUDA when present, else CPU), cpu, cuda, or cuda:N."""
     compile: bool = False
     """torch.compile the model."""
+    float8: bool = False
+    """Train the block linears in float8 through torchao (CUDA, compute capability 8.9+, e.g.
+    H100); the output head and layers with dims not multiples of 16 stay as they are. Pair it
+    with train.compile: uncompiled, the float8 casts cost more than they save."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     log_interval: int = 10

@@ -56,9 +56,11 @@ from lmscale.tokenizer import Tokenizer
 from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.distill_loss import DistillLoss
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
+from lmscale.train.float8 import apply_float8_training
 from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
 from lmscale.train.memory import MemoryMeter
 from lmscale.train.metrics import MetricsLog
+from lmscale.train.mfu import mfu_fields
 from lmscale.train.optim import build_optimizer, lr_at
 from lmscale.train.precision import (
     DTYPES,
@@ -202,6 +204,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
     )
     baseline = meter.baseline()  # what is not the training's: interpreter, libraries, data
     model = _initial_model(config, train_data, device)
+    apply_float8_training(model, device, config.train.float8)
     context = config.train.context or config.model.max_seq_len
     if context > config.model.max_seq_len:
         raise LmscaleError(
@@ -519,11 +522,14 @@ def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
     if metrics is None or not _logs_step(run, run.step):
         return
     step_time = run.step_times[-1]
+    tokens_per_s = _tokens_per_step(run) / step_time
+    mfu = mfu_fields(run.config.model, run.context, run.config.train.dtype, run.device,
+                     run.ranks.world_size, tokens_per_s)  # fmt: skip
     metrics.log(
         run.step, loss=loss, lr=run.optimizer.param_groups[0]["lr"],
-        tokens_per_s=_tokens_per_step(run) / step_time, step_time_s=step_time,
+        tokens_per_s=tokens_per_s, step_time_s=step_time,
         elapsed_s=run.step_seconds, **run.memory.peaks(),
-        **({"comm_bytes": run.comm_bytes} if run.comm_bytes is not None else {}),
+        **({"comm_bytes": run.comm_bytes} if run.comm_bytes is not None else {}), **mfu,
     )  # fmt: skip
 
 
