@@ -41,3 +41,14 @@ def test_pcie_parts_and_unknown_devices():
 
 def test_no_mfu_on_the_cpu():
     assert mfu_fields(preset("tiny"), 64, "float32", torch.device("cpu"), 1, 1e6) == {}
+
+
+def test_a_cpu_run_logs_no_mfu(shakespeare_dir, tmp_path):
+    from lmscale.train import load_run_config, train
+    from lmscale.train.metrics import read_metrics
+
+    args = ["--data.path", str(shakespeare_dir), "--train.max_steps", "2", "--train.log_interval", "1",
+            "--train.device", "cpu"]  # fmt: skip
+    train(load_run_config("configs/tiny.toml", args), tmp_path / "run", progress=False)
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 2 and not any("mfu" in r for r in records)
