@@ -19,7 +19,7 @@ Results go to $OUT/train_gpu.json (rewritten after every contestant, so a run cu
 what it measured) and a table on stdout. Contestants that would start after --budget-s seconds
 are recorded as skipped, so the whole script fits a 10-minute device call.
 
-    python bench/train_gpu.py                      # CUDA: about 6-8 minutes on an H100
+    python bench/train_gpu.py                      # CUDA: budgeted to end within 10 minutes
     python bench/train_gpu.py --float8 --nanogpt ~/nanoGPT/model.py
     python bench/train_gpu.py --smoke              # CPU: tiny presets, 2 x 64, 3 steps, eager
 """
