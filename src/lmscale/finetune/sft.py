@@ -32,7 +32,7 @@ from lmscale.compress.quantize import QuantConfig, quantize_
 from lmscale.errors import LmscaleError
 from lmscale.finetune.adapter import WEIGHTS, adapter_record, write_adapter
 from lmscale.finetune.distributed import adapter_strategy, barrier, full_adapter_state
-from lmscale.finetune.lora import LoRAConfig, LoRALinear, apply_lora_
+from lmscale.finetune.lora import LoRAConfig, apply_lora_
 from lmscale.finetune.sft_data import Example, RowLoader, build_rows, read_chat_jsonl
 from lmscale.finetune.shakespeare_chat import NAME as SHAKESPEARE_SPEAKERS
 from lmscale.finetune.shakespeare_chat import speaker_conversations
@@ -48,7 +48,7 @@ from lmscale.parallel import (
 )
 from lmscale.parallel.grads import clip_grad_norm_
 from lmscale.parallel.parallelize import Parallel, parallelize
-from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
+from lmscale.train.loss import count_targets, lm_loss_sum
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.optim import build_optimizer, lr_at
 from lmscale.train.precision import DTYPES, autocast, grad_scaler, resolve_device
@@ -235,10 +235,6 @@ def _train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, "adamw", config.lr, config.weight_decay, (0.9, 0.999))
     scaler = grad_scaler(device, config.dtype)
-    # The fused loss reads `model.output.weight`, around any wrapper's hooks: an adapted
-    # output head or a parallel wrapper needs the plain path.
-    plain = isinstance(model.output, LoRALinear) or parallel.distributed
-    loss_fn = logits_loss_sum if plain else lm_loss_sum
     model.train()
     losses, times = [], []
     bar = tqdm(total=config.steps, disable=not progress, unit="step", dynamic_ncols=True)
@@ -250,7 +246,7 @@ def _train(
         inputs, targets = (t.to(device) for t in loader.next_batch())
         n_targets = parallel.dp_sum(torch.tensor(float(count_targets(targets)), device=device))
         with _precision(parallel, device, config.dtype):
-            loss_sum = loss_fn(parallel.model, inputs, targets)
+            loss_sum = lm_loss_sum(parallel.model, inputs, targets)
         # DDP and FSDP average gradients over the ranks; the loss is a sum over all: undo it.
         scaled = loss_sum / n_targets * parallel.dp_size
         (scaler.scale(scaled) if scaler else scaled).backward()

@@ -8,6 +8,7 @@ them by fully-qualified name. Nothing here knows about files, processes or the c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -237,9 +238,10 @@ class Transformer(nn.Module):
             self.rope_cos, self.rope_sin = (t.to(device) for t in rope_tables(self.config))
 
     def forward(
-        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None
-    ) -> Tensor:
-        """Logits for every position.
+        self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None,
+        head: Callable[[Tensor, nn.Linear], Tensor] | None = None,
+    ) -> Tensor:  # fmt: skip
+        """Logits for every position (or what `head` makes of the final hidden states).
 
         Args:
             tokens: (B, T) token ids. With a `cache`, they continue the cached sequence.
@@ -249,10 +251,15 @@ class Transformer(nn.Module):
                 lengths (its cache then masks each row to its own keys); None means every row
                 starts at the cache's `length` (or 0).
 
+            head: replaces the output projection: `head(hidden (B, T, dim), self.output)`. A
+                training loss that fuses the projection into itself passes one, so that it runs
+                inside `forward`, where wrappers (DDP, FSDP, tensor parallel) hook in.
+
         Returns:
-            (B, T, vocab_size) logits.
+            (B, T, vocab_size) logits, or `head`'s result.
         """
-        return self.output(self.hidden_states(tokens, cache, positions))
+        hidden = self.hidden_states(tokens, cache, positions)
+        return self.output(hidden) if head is None else head(hidden, self.output)
 
     def hidden_states(
         self, tokens: Tensor, cache: KVCache | None = None, positions: Tensor | None = None

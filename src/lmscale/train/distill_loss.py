@@ -8,7 +8,8 @@ For every scored position, with student logits z, teacher logits t and temperatu
 on the scale of the hard term's as T changes. The sum over scored tokens is returned, like
 `lm_loss_sum`, so the loop's division by the step's target count keeps gradient accumulation exact.
 
-`linear_distill_loss` is the fused form the loop uses on one process: like `fused_loss`, it
+`linear_distill_loss` is the fused form the loop uses (as the model's `head`, so under DDP and
+FSDP too): like `fused_loss`, it
 computes each chunk of rows' logits (student and teacher), loss and gradients at once, so neither
 (N, vocab) logits tensor is ever held whole (49152 x 2048 fp32 logits are 400 MB each):
 
@@ -18,13 +19,14 @@ computes each chunk of rows' logits (student and teacher), loss and gradients at
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
-from lmscale.model import Transformer
 from lmscale.train.fused_loss import CHUNK_ELEMENTS, IGNORE_INDEX
 
 
@@ -147,24 +149,25 @@ class DistillLoss:
     teacher: nn.Module
     temperature: float = 2.0
     alpha: float = 0.5
-    fused: bool = True
-    """Chunked from the hidden states; False runs both models' full forward (wrapped models)."""
 
     def __call__(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
-        fused = self.fused and isinstance(model, Transformer)
         with torch.no_grad():
-            if fused:
-                teacher_hidden = self.teacher.hidden_states(inputs)  # (B, T, teacher_dim)
-            else:
-                teacher_logits = self.teacher(inputs)  # (B, T, vocab)
-        if not fused:
-            logits = model(inputs)
-            return distill_loss_sum(
-                logits.flatten(0, 1), teacher_logits.flatten(0, 1), targets.flatten(),
+            teacher_hidden = self.teacher.hidden_states(inputs)  # (B, T, teacher_dim)
+        head = functools.partial(self._head, teacher_hidden=teacher_hidden, targets=targets)
+        return model(inputs, head=head)  # inside forward, where DDP's and FSDP's hooks run
+
+    def _head(self, hidden: Tensor, output: nn.Module, teacher_hidden: Tensor, targets: Tensor):
+        hidden, teacher_hidden, targets = (
+            t.flatten(0, 1) for t in (hidden, teacher_hidden, targets)
+        )
+        if type(output) is nn.Linear and not isinstance(output.weight, DTensor):
+            return linear_distill_loss(
+                hidden, output.weight, teacher_hidden, self.teacher.output.weight, targets,
                 self.temperature, self.alpha,
             )  # fmt: skip
-        hidden = model.hidden_states(inputs)  # (B, T, dim)
-        return linear_distill_loss(
-            hidden.flatten(0, 1), model.output.weight, teacher_hidden.flatten(0, 1),
-            self.teacher.output.weight, targets.flatten(), self.temperature, self.alpha,
-        )  # fmt: skip
+        # An adapted or vocabulary-split output layer: full logits (tensor parallel gathers them).
+        with torch.no_grad():
+            teacher_logits = self.teacher.output(teacher_hidden)
+        return distill_loss_sum(
+            output(hidden), teacher_logits, targets, self.temperature, self.alpha
+        )

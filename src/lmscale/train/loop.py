@@ -57,7 +57,7 @@ from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.distill_loss import DistillLoss
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
 from lmscale.train.float8 import apply_float8_training
-from lmscale.train.loss import count_targets, lm_loss_sum, logits_loss_sum
+from lmscale.train.loss import count_targets, lm_loss_sum
 from lmscale.train.memory import MemoryMeter
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.mfu import mfu_fields
@@ -249,7 +249,6 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
                   "grad_accum": run.grad_accum}  # fmt: skip
         write_run_info(run_dir, describe_machine(device) | baseline | layout)
     if parallel.distributed:
-        run.loss_fn = logits_loss_sum  # the fused loss bypasses the wrappers' forward hooks
         run.heartbeat = Heartbeat(config.parallel.timeout_s)
         run.heartbeat.beat(run.step)
     elif cfg.compile:
@@ -309,9 +308,7 @@ def _distill_loss(run: Run) -> DistillLoss:
             f"teacher {cfg.teacher}'s (prepare it with the teacher's)"
         )
     teacher.requires_grad_(False)
-    return DistillLoss(
-        teacher.eval(), cfg.temperature, cfg.alpha, fused=not run.parallel.distributed
-    )
+    return DistillLoss(teacher.eval(), cfg.temperature, cfg.alpha)
 
 
 def _checkpoint_to_resume(run_dir: Path, resume: bool) -> Path | None:
