@@ -44,9 +44,10 @@ def main(out_dir: str, vocab: int) -> None:
         "loss": loss.item(),
         "reference": reference.item(),
         "hidden_grad_err": (hidden.grad - full_hidden.grad).abs().max().item(),
-        "weight_grad_err": (
-            sharded.grad.to_local() - full_weight.grad[start : start + local_rows]
-        ).abs().max().item(),
+        "weight_grad_err": (sharded.grad.to_local() - full_weight.grad[start : start + local_rows])
+        .abs()
+        .max()
+        .item(),
         "local_rows": local_rows,
     }
     Path(out_dir, f"rank{dist.get_rank()}.json").write_text(json.dumps(report))
