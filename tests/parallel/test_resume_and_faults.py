@@ -54,10 +54,19 @@ def assert_same_run(resumed, straight):
         assert torch.allclose(tensor, want[name], rtol=0, atol=1e-5), name
 
 
+def test_saved_by_a_pipeline_resumes_on_fsdp(shakespeare_dir, fsdp2, tmp_path):
+    run = tmp_path / "run"
+    args = tiny_args(shakespeare_dir, "--out", str(run), "--parallel.strategy", "pp", *BATCH)
+    check(lmscale_train([*args, "--train.max_steps", "4"], nproc=2))
+    resume = ["--out", str(run), "--resume", "--parallel.strategy", "fsdp", "--no-progress"]
+    check(lmscale_train([*resume, "--sample-tokens", "0", "--train.max_steps", "8"], nproc=2))
+    assert_same_run(run, fsdp2)
+
+
 @pytest.mark.parametrize(
     "nproc, strategy",
-    [(None, "none"), (4, "fsdp"), (2, "tp")],
-    ids=["1 process", "fsdp on 4", "tp on 2"],
+    [(None, "none"), (4, "fsdp"), (2, "tp"), (2, "pp")],
+    ids=["1 process", "fsdp on 4", "tp on 2", "pp on 2"],
 )
 def test_saved_on_2_resumes_on_another_world_size(nproc, strategy, fsdp2, tmp_path):
     resumed = stopped_at_step_4(fsdp2, tmp_path)

@@ -8,6 +8,7 @@ them by fully-qualified name. Nothing here knows about files, processes or the c
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Callable
 
 import torch
@@ -185,6 +186,26 @@ class Block(nn.Module):
         return x + self.dropout(self.feed_forward(self.ffn_norm(x)))
 
 
+def initial_value(config: ModelConfig, name: str, shape: torch.Size, seed: int) -> Tensor:
+    """The initial fp32 value (on the CPU) of the parameter called `name`, for `seed`.
+
+    Linears and embeddings are N(0, init_std), the residual projections (wo, w2) scaled by
+    1/sqrt(2 * n_layers) (GPT-2); norm gains are 1, biases 0. The generator is seeded by `seed`
+    and a hash of `name`: the same name gets the same values whichever process draws them.
+    """
+    if name == "output.weight" and config.tie_embeddings:  # a pipeline's last stage holds a copy
+        name = "tok_embeddings.weight"
+    if name.endswith("bias"):
+        return torch.zeros(shape)
+    if "norm" in name.rsplit(".", 2)[-2]:  # attention_norm, ffn_norm, norm
+        return torch.ones(shape)
+    std = config.init_std
+    if name.endswith(("wo.weight", "w2.weight")):
+        std /= math.sqrt(2 * config.n_layers)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
 class Transformer(nn.Module):
     """A decoder-only language model: token ids (B, T) in, next-token logits (B, T, vocab) out."""
 
@@ -206,26 +227,24 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.init_weights()
 
-    def init_weights(self) -> None:
-        """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 initialisation: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers).
+
+        Each parameter is drawn from its own generator, seeded by `seed` and its name
+        (`initial_value`), so a part of the model built alone (a shard, a pipeline stage)
+        receives exactly the values the whole model would.
+
+        Args:
+            seed: None draws one from torch's global generator (so `torch.manual_seed` decides).
+        """
         self.init_rope()
-        if self.tok_embeddings.weight.is_meta:  # built only to receive loaded weights
+        if self.tok_embeddings.weight.is_meta:  # built only to receive loaded or sharded weights
             return
-        std = self.config.init_std
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                scale = (
-                    1 / math.sqrt(2 * self.config.n_layers) if name.endswith(("wo", "w2")) else 1.0
-                )
-                nn.init.normal_(module.weight, mean=0.0, std=std * scale)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                nn.init.ones_(module.weight)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        if seed is None:
+            seed = int(torch.randint(2**62, ()))
+        with torch.no_grad():
+            for name, param in self.named_parameters():  # a tied weight once, as tok_embeddings
+                param.copy_(initial_value(self.config, name, param.shape, seed))
 
     def init_rope(self, device: torch.device | str | None = None) -> None:
         """(Re)compute the RoPE tables: non-persistent buffers, so no state dict carries them.

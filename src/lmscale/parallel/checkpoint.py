@@ -9,6 +9,7 @@ while reading. The format is described in `lmscale.checkpoint.sharded`; a save a
 from __future__ import annotations
 
 import base64
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -91,13 +92,21 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     """
     path = Path(path)
     model_state, optim_state = get_state_dict(model, optimizer)
+    # NOTE: DCP keeps one copy of the non-tensor entries, rank 0's: under pipeline parallel its
+    # param_groups name only its own stage's parameters. This rank's own groups (the
+    # hyperparameters come from the config and the schedule anyway) say which are here.
+    own_groups = copy.deepcopy(optim_state["param_groups"])
     state = {"model": model_state, "optim": optim_state}
     try:
+        renamed = _read_tied_output_as_embedding(state, path / SHARDS_DIR)
         with warnings.catch_warnings():  # one process without a group: DCP says so, needlessly
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(state, checkpoint_id=str(path / SHARDS_DIR), no_dist=not dist.is_initialized())
     except Exception as error:  # DCP wraps a missing or damaged shard in several error types
         raise LmscaleError(f"cannot load the sharded checkpoint {path}: {error}") from None
+    for part in renamed:
+        part[TIED_OUTPUT] = part.pop(TIED_EMBEDDING)
+    state["optim"]["param_groups"] = own_groups
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
@@ -106,6 +115,27 @@ def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Opti
     if train_state.get("world_size") == _world() and len(rngs) == _world():
         _set_rng_state(rngs[_rank()])
     return train_state
+
+
+TIED_OUTPUT, TIED_EMBEDDING = "output.weight", "tok_embeddings.weight"
+
+
+def _read_tied_output_as_embedding(state: dict, shards: Path) -> list[dict]:
+    """Point a tied output weight at the embedding's saved values where only those were saved.
+
+    A pipeline's last stage holds its own copy of a tied embedding, named `output.weight`; a
+    run that held the two as one tensor saved its optimizer state once, under the embedding's
+    name. Returns the parts of `state` renamed (to rename back after loading).
+    """
+    saved = dcp.FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+    renamed = []
+    for prefix, part in (("model.", state["model"]), ("optim.state.", state["optim"]["state"])):
+        if TIED_OUTPUT not in part or TIED_EMBEDDING in part:
+            continue
+        if not any(k.startswith(prefix + TIED_OUTPUT) for k in saved):
+            part[TIED_EMBEDDING] = part.pop(TIED_OUTPUT)
+            renamed.append(part)
+    return renamed
 
 
 def load_full_state(

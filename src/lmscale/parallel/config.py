@@ -7,17 +7,35 @@ from typing import Literal
 
 from lmscale.errors import LmscaleError
 
-STRATEGIES = ("auto", "none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp")
+STRATEGIES = (
+    "auto", "none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp", "pp", "pp+fsdp", "pp+tp", "pp+fsdp+tp",
+)  # fmt: skip
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclass
 class ParallelConfig:
     """The parallel strategy and its knobs (torchtitan's vocabulary)."""
 
-    strategy: Literal["auto", "none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp"] = "auto"
-    """auto (none on one process, fsdp on several), none, ddp, fsdp, hsdp, tp or fsdp+tp."""
+    strategy: Literal[
+        "auto", "none", "ddp", "fsdp", "hsdp", "tp", "fsdp+tp", "pp", "pp+fsdp", "pp+tp",
+        "pp+fsdp+tp",
+    ] = "auto"  # fmt: skip
+    """auto (none on one process, fsdp on several), none, ddp, fsdp, hsdp, tp, fsdp+tp, pp,
+    pp+fsdp, pp+tp or pp+fsdp+tp."""
     tp: int = 1
-    """Tensor-parallel degree for fsdp+tp (tp alone uses every process)."""
+    """Tensor-parallel degree for fsdp+tp and pp+fsdp+tp (tp alone uses every process; pp+tp
+    every process a pipeline stage does not take)."""
+    pp: int = 0
+    """Pipeline stages (ranks) for the pp strategies; 0 means every process pp+tp's tensor
+    parallel leaves (pp: all of them). pp+fsdp and pp+fsdp+tp need it set."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = "1f1b"
+    """gpipe (all forwards, then all backwards), 1f1b, or interleaved-1f1b (pp_virtual_stages
+    stages per rank: a smaller bubble for more point-to-point traffic)."""
+    pp_microbatches: int = 0
+    """Micro-batches each pipeline splits a rank's batch into; 0 means one per sequence."""
+    pp_virtual_stages: int = 2
+    """interleaved-1f1b: stages per rank (the model has pp x this many)."""
     dp_shard: int = 0
     """hsdp: processes that shard one replica (0 means the processes of one node)."""
     reshard_after_forward: bool = True
@@ -40,7 +58,15 @@ class ParallelConfig:
             raise LmscaleError(
                 f"parallel.strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'"
             )
-        for name in ("tp", "powersgd_rank"):
+        if self.pp_schedule not in PP_SCHEDULES:
+            raise LmscaleError(
+                f"parallel.pp_schedule must be one of {', '.join(PP_SCHEDULES)}, "
+                f"got '{self.pp_schedule}'"
+            )
+        for name in ("pp", "pp_microbatches"):
+            if getattr(self, name) < 0:
+                raise LmscaleError(f"parallel.{name} must not be negative, got {getattr(self, name)}")
+        for name in ("tp", "powersgd_rank", "pp_virtual_stages"):
             if getattr(self, name) < 1:
                 raise LmscaleError(f"parallel.{name} must be positive, got {getattr(self, name)}")
         if self.dp_shard < 0:
@@ -57,6 +83,6 @@ class ParallelConfig:
         if self.strategy == "none" and world_size > 1:
             raise LmscaleError(
                 f"parallel.strategy none runs on one process, but {world_size} were started: "
-                "choose ddp, fsdp, hsdp, tp or fsdp+tp"
+                "choose ddp, fsdp, hsdp, tp, fsdp+tp or a pp strategy"
             )
         return self.strategy

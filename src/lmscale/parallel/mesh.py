@@ -6,9 +6,14 @@
     hsdp       dp_replicate x dp_shard            world (shard inside a node, replicate across)
     tp         tp                                 1
     fsdp+tp    dp_shard x tp                      world / tp
+    pp         pp                                 1
+    pp+fsdp    pp x dp_shard                      world / pp
+    pp+tp      pp x tp                            1
+    pp+fsdp+tp pp x dp_shard x tp                 world / (pp x tp)
 
 The innermost dimension holds neighbouring ranks (one node), where bandwidth is highest:
-tensor parallel communicates every layer, so it goes there.
+tensor parallel communicates every layer, so it goes there. Pipeline stages exchange one
+activation per micro-batch, the least traffic of all: they go outermost (across nodes).
 """
 
 from __future__ import annotations
@@ -36,7 +41,33 @@ def mesh_shape(strategy: str, config: ParallelConfig, ranks: Ranks) -> dict[str,
     if strategy == "fsdp+tp":
         _check_divides(config.tp, world, "parallel.tp")
         return {"dp_shard": world // config.tp, "tp": config.tp}
+    if strategy.startswith("pp"):
+        return _pipeline_shape(strategy, config, world)
     raise LmscaleError(f"no mesh for strategy '{strategy}'")
+
+
+def _pipeline_shape(strategy: str, config: ParallelConfig, world: int) -> dict[str, int]:
+    tp = config.tp if "tp" in strategy else 1
+    if strategy == "pp+tp" and config.pp and config.tp == 1:
+        tp = world // config.pp  # pp+tp: tensor parallel takes what the stages leave
+    _check_divides(tp, world, "parallel.tp")
+    if "fsdp" in strategy and not config.pp:
+        raise LmscaleError(f"parallel.strategy {strategy} needs parallel.pp (pipeline stages)")
+    pp = config.pp or world // tp
+    _check_divides(pp * tp, world, "parallel.pp x parallel.tp")
+    if pp < 2:
+        raise LmscaleError(f"pipeline parallel needs at least 2 stages, got parallel.pp = {pp}")
+    shape = {"pp": pp}
+    if "fsdp" in strategy:
+        shape["dp_shard"] = world // (pp * tp)
+    elif pp * tp != world:
+        raise LmscaleError(
+            f"parallel.strategy {strategy} uses pp x tp = {pp * tp} of the {world} processes: "
+            "add fsdp (pp+fsdp) for data parallel over the rest"
+        )
+    if "tp" in strategy:
+        shape["tp"] = tp
+    return shape
 
 
 def build_mesh(strategy: str, config: ParallelConfig, ranks: Ranks, device_type: str) -> DeviceMesh:

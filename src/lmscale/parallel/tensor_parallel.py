@@ -13,6 +13,7 @@ The model code is unchanged: attention infers its local head count from the tens
 
 from __future__ import annotations
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -24,30 +25,38 @@ from torch.distributed.tensor.parallel import (
 )
 
 from lmscale.errors import LmscaleError
-from lmscale.model import ModelConfig, Transformer
+from lmscale.model import ModelConfig
 
 
-def apply_tensor_parallel(model: Transformer, mesh: DeviceMesh, sequence_parallel: bool) -> None:
-    """Shard `model`'s layers over the 1-D `mesh`, in place."""
-    check_tp_degree(model.config, mesh.size())
-    config = model.config
+def apply_tensor_parallel(
+    model: nn.Module, mesh: DeviceMesh, sequence_parallel: bool, config: ModelConfig
+) -> None:
+    """Shard `model`'s layers over the 1-D `mesh`, in place.
+
+    `model` is a `Transformer` or a pipeline stage of one (the parts it holds are sharded).
+    """
+    check_tp_degree(config, mesh.size())
     residual = Shard(1) if sequence_parallel else Replicate()  # layout between blocks
-    root = {
-        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=residual),
-        "output": ColwiseParallel(input_layouts=residual, output_layouts=Replicate()),
-    }
-    if config.family == "gpt2":
+    root = {}
+    if hasattr(model, "tok_embeddings"):
+        root["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if hasattr(model, "output"):
+        root["output"] = ColwiseParallel(input_layouts=residual, output_layouts=Replicate())
+    if hasattr(model, "pos_embeddings"):
         # (T, d) position rows: the sequence is dim 0 here, so it lines up with the tokens' dim 1.
         positions = Shard(0) if sequence_parallel else Replicate()
         root["pos_embeddings"] = RowwiseParallel(
             input_layouts=Replicate(), output_layouts=positions
         )
-    if sequence_parallel:
+    if sequence_parallel and hasattr(model, "norm"):
         root["norm"] = SequenceParallel()
-    parallelize_module(model, mesh, root)
-    for block in model.layers:
+    if root:
+        parallelize_module(model, mesh, root)
+    blocks = model.layers.values() if isinstance(model.layers, nn.ModuleDict) else model.layers
+    for block in blocks:
         parallelize_module(block, mesh, _block_plan(config.family, residual, sequence_parallel))
-    if config.tie_embeddings:  # both are split by vocabulary rows (Shard(0)): one tensor again
+    if config.tie_embeddings and hasattr(model, "tok_embeddings") and hasattr(model, "output"):
+        # both are split by vocabulary rows (Shard(0)): one tensor again
         model.output.weight = model.tok_embeddings.weight
 
 

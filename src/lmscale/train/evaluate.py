@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,7 @@ def evaluate(
     model: nn.Module, tokens: np.ndarray, context: int, batch_size: int = 8,
     autocast: contextlib.AbstractContextManager | None = None, max_tokens: int | None = None,
     length_multiple: int = 1,
+    loss_sum: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> EvalResult:  # fmt: skip
     """Mean NLL of `model` on a token stream, by the definition in this module's docstring.
 
@@ -58,6 +60,8 @@ def evaluate(
         max_tokens: score only the first windows covering this many tokens.
         length_multiple: pad inputs on the right to a multiple of this (sequence-parallel
             models split the sequence evenly); causal attention keeps the scores unchanged.
+        loss_sum: `(inputs, targets) -> summed NLL` in place of the model's logits (a pipeline,
+            whose logits exist only on its last stage).
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -70,10 +74,14 @@ def evaluate(
             inputs = batch[:, :-1]
             pad = -inputs.shape[1] % length_multiple
             with autocast or contextlib.nullcontext():
-                logits = model(F.pad(inputs, (0, pad)) if pad else inputs)[:, : inputs.shape[1]]
-            nll = F.cross_entropy(
-                logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-            )
+                if loss_sum is not None:
+                    nll = loss_sum(inputs, batch[:, 1:])
+                else:
+                    logits = model(F.pad(inputs, (0, pad)) if pad else inputs)
+                    nll = F.cross_entropy(
+                        logits[:, : inputs.shape[1]].flatten(0, 1).float(), batch[:, 1:].flatten(),
+                        reduction="sum",
+                    )  # fmt: skip
             total += nll.item()
             count += batch[:, 1:].numel()
     finally:

@@ -57,7 +57,7 @@ from lmscale.train.config import RunConfig, load_run_config
 from lmscale.train.distill_loss import DistillLoss
 from lmscale.train.evaluate import EvalResult, evaluate, unigram_loss
 from lmscale.train.float8 import apply_float8_training
-from lmscale.train.loss import count_targets, lm_loss_sum
+from lmscale.train.loss import count_targets, fused_loss_head, lm_loss_sum
 from lmscale.train.memory import MemoryMeter
 from lmscale.train.metrics import MetricsLog
 from lmscale.train.mfu import mfu_fields
@@ -215,9 +215,17 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
         freeze_zeros_(model)
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if strategy.startswith("pp") and config.distill.teacher is not None:
+        raise LmscaleError("distillation does not run under pipeline parallel yet: use fsdp or ddp")
+    if strategy.startswith("pp") and cfg.dtype == "float16":
+        raise LmscaleError(
+            "pipeline parallel trains in float32 or bfloat16 (float16's loss scaling is not "
+            "supported across stages)"
+        )
     parallel = parallelize(
         model, config.parallel, ranks, device, DTYPES[cfg.dtype],
-        compile_blocks=cfg.compile and strategy != "none",
+        compile_blocks=cfg.compile and strategy != "none", seed=cfg.seed,
+        batch_size=cfg.batch_size,
     )  # fmt: skip
     optimizer = build_optimizer(
         parallel.module, cfg.optimizer, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2),
@@ -246,6 +254,7 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
         (run_dir / "config.toml").write_text(config.to_toml())
         layout = {"world_size": ranks.world_size, "strategy": parallel.strategy,
                   "dp_size": parallel.dp_size, "tp_size": parallel.tp_size,
+                  "pp_size": parallel.pp_size,
                   "grad_accum": run.grad_accum}  # fmt: skip
         write_run_info(run_dir, describe_machine(device) | baseline | layout)
     if parallel.distributed:
@@ -260,14 +269,17 @@ def setup(config: RunConfig, run_dir: Path, resume: bool) -> Run:
 
 
 def _initial_model(config: RunConfig, train_data: TokenDataset, device) -> Transformer:
-    """A fresh model of `config.model` (its vocabulary the data's), or `train.init_from`'s.
+    """A fresh model of `config.model` on the meta device (its vocabulary the data's), or
+    `train.init_from`'s on `device`.
 
     Either way `config.model` ends up describing the model, so the saved config rebuilds it.
     """
     vocab = train_data.manifest.vocab_size
     if config.train.init_from is None:
         config.model = config.model.replace(vocab_size=vocab)
-        return Transformer(config.model).to(device)
+        # On the meta device: `parallelize` allocates and initialises only this rank's part.
+        with torch.device("meta"):
+            return Transformer(config.model)
     model, _ = load_pretrained(config.train.init_from, device, dtype="float32")
     if model.config.vocab_size != vocab:
         raise LmscaleError(
@@ -365,17 +377,21 @@ def _step(run: Run) -> float:
     n_targets = round(float(parallel.dp_sum(torch.tensor(float(local_targets)))))
     scaler = grad_scaler(run.device, cfg.dtype)
     total = torch.zeros((), device=run.device)
+    # DDP and FSDP average gradients over the data-parallel ranks: the scale undoes it.
+    scale = parallel.dp_size / n_targets
     for i, (inputs, targets) in enumerate(batches):
         inputs, targets = inputs.to(run.device), targets.to(run.device)
+        if parallel.pipeline is not None:  # forward and backward, stage by stage
+            with _precision(run):
+                total += parallel.pipeline.step(inputs, targets, fused_loss_head, scale)
+            continue
         with parallel.gradient_sync(i == len(batches) - 1):
             with _precision(run):
                 loss_sum = run.loss_fn(parallel.model, inputs, targets)
-            scaled = loss_sum / n_targets
-            if parallel.dp_size > 1:  # DDP and FSDP average gradients over the ranks: undo it
-                scaled = scaled * parallel.dp_size
+            scaled = loss_sum * scale
             (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss_sum.detach()
-    loss = parallel.dp_sum(total).item() / n_targets
+    loss = parallel.loss_sum(total).item() / n_targets
     if not math.isfinite(loss):
         run.optimizer.zero_grad(set_to_none=True)
         saved = latest_checkpoint(run.run_dir / CHECKPOINTS)
@@ -421,8 +437,13 @@ def _optimizer_step(run: Run, scaler: torch.amp.GradScaler | None) -> None:
     clip = run.config.train.grad_clip
     if scaler:
         scaler.unscale_(run.optimizer)
-    if clip > 0 and run.parallel.distributed:
-        clip_grad_norm_(run.model.parameters(), clip)  # DTensor-aware
+    if run.parallel.pipeline is not None:
+        run.parallel.pipeline.sync_tied_gradients()
+    if clip > 0 and run.parallel.distributed:  # DTensor-aware, summed over pipeline stages
+        clip_grad_norm_(
+            run.model.parameters(), clip, run.parallel.norm_group,
+            run.parallel.uncounted_parameters(),
+        )  # fmt: skip
     elif clip > 0:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
     if scaler:
@@ -533,9 +554,11 @@ def _log_step(run: Run, metrics: MetricsLog | None, loss: float) -> None:
 def _evaluate(run: Run, metrics: MetricsLog | None, progress: bool) -> EvalResult:
     # Every rank evaluates (sharded models need all ranks in each forward); rank 0 reports.
     cfg = run.config.train
+    pipeline = run.parallel.pipeline
     result = evaluate(
         run.model, run.val_data.tokens, run.context, cfg.batch_size,
         _precision(run), cfg.eval_max_tokens, run.parallel.sequence_multiple,
+        loss_sum=(lambda x, y: pipeline.loss_sum(x, y, fused_loss_head)) if pipeline else None,
     )  # fmt: skip
     if metrics:
         metrics.log(run.step, val_loss=result.loss, val_ppl=result.perplexity)
