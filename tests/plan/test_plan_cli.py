@@ -52,7 +52,8 @@ def test_a_strategy_of_your_own_is_shown_in_detail_even_when_it_does_not_fit():
                  "--recompute", "full", "--json")  # fmt: skip
     chosen = json.loads(shown.stdout)["chosen"]
     assert chosen["strategy"] == {"dp": 1, "tp": 8, "pp": 2, "zero": 0, "sp": True,
-                                  "recompute": "full", "micro_batch": 1}  # fmt: skip
+                                  "recompute": "full", "micro_batch": 1, "pp_schedule": "1f1b",
+                                  "virtual_stages": 1}  # fmt: skip
 
 
 def test_serve_json_lists_every_dtype_and_other_contexts():

@@ -82,6 +82,11 @@ def plan_args(p: argparse.ArgumentParser) -> None:
     how.add_argument("--zero", type=int, help="ZeRO stage 0-3")
     how.add_argument("--tp", type=int, help="tensor-parallel degree")
     how.add_argument("--pp", type=int, help="pipeline-parallel stages")
+    how.add_argument("--pp-schedule", help="with --pp: gpipe, 1f1b (default) or interleaved-1f1b")
+    how.add_argument(
+        "--virtual-stages", type=int,
+        help="with --pp-schedule interleaved-1f1b: model chunks per pipeline rank (2 or more)",
+    )  # fmt: skip
     how.add_argument("--sp", action="store_true", help="sequence parallel (with --tp)")
     how.add_argument("--recompute", help="none, selective or full activation recomputation")
     out = p.add_argument_group("output and other modes")
@@ -182,7 +187,8 @@ def _chosen_strategy(args: argparse.Namespace, workload):
     """The strategy the user spelled out, checked; None when they left the choice to the planner."""
     from lmscale.plan.strategy import NAMED_STRATEGIES, Strategy, check_strategy
 
-    given = (args.strategy, args.zero, args.tp, args.pp, args.recompute)
+    given = (args.strategy, args.zero, args.tp, args.pp, args.recompute, args.pp_schedule,
+             args.virtual_stages)  # fmt: skip
     if all(v is None for v in given) and not args.sp:
         return None
     zero = args.zero
@@ -208,6 +214,7 @@ def _chosen_strategy(args: argparse.Namespace, workload):
     strategy = Strategy(
         dp=args.gpus // (tp * pp), tp=tp, pp=pp, zero=zero or 0, sp=args.sp,
         recompute=args.recompute or "none", micro_batch=args.micro_batch,
+        pp_schedule=args.pp_schedule or "1f1b", virtual_stages=1 if args.virtual_stages is None else args.virtual_stages,
     )  # fmt: skip
     check_strategy(strategy, workload)
     return strategy

@@ -8,14 +8,24 @@ laptop. The scaling study (`lmscale.plan.sweep`) imports the trainer only when i
 from lmscale.plan.flops import forward_flops, training_flops, training_flops_per_token
 from lmscale.plan.hardware import CATALOG, Accelerator, accelerator
 from lmscale.plan.models import model_from_params, named_model
+from lmscale.plan.pipeline import (
+    SCHEDULES,
+    pipeline_bubble_fraction,
+    pipeline_message_bytes,
+    pipeline_p2p_bytes,
+)
 
 __all__ = [
     "CATALOG",
+    "SCHEDULES",
     "Accelerator",
     "accelerator",
     "forward_flops",
     "model_from_params",
     "named_model",
+    "pipeline_bubble_fraction",
+    "pipeline_message_bytes",
+    "pipeline_p2p_bytes",
     "training_flops",
     "training_flops_per_token",
 ]

@@ -11,6 +11,11 @@ without sequence parallel). The same items also cover grouped-query attention, S
 attention kernels, no dropout, and autocast (fp32 residual stream, one 16-bit copy of the input
 per projection).
 
+Pipeline stages keep activations as their schedule says (`plan.pipeline`): GPipe every
+micro-batch of the step, 1F1B `pp` of them on the first stage, interleaved 1F1B
+pp (1 + (pp - 1)/(pp v)) there; the last stage keeps the loss's tensors of one micro-batch
+(of every micro-batch under GPipe).
+
 The peak: with one micro-batch per step, gradients appear while the backward frees activations,
 so the peak is the larger of the two sides; with gradient accumulation (or a pipeline) the
 gradients stay from one micro-batch to the next and add to the activations.
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 
 from lmscale.model.config import ModelConfig
 from lmscale.plan.flops import layer_matmul_params
+from lmscale.plan.pipeline import in_flight_micro_batches
 from lmscale.plan.strategy import Strategy
 from lmscale.plan.workload import Workload
 
@@ -131,10 +137,11 @@ def _stage_memory(workload: Workload, s: Strategy, first: bool, last: bool) -> M
     tokens = s.micro_batch * workload.seq_len
     per_layer_full = tokens * sum(_split(i, s) for i in items)
     kept = block_activations(workload, s)
-    in_flight = min(s.pp, s.micro_batches(workload)) if first else 1
+    in_flight = _in_flight(workload, s, first)
     activations = kept * layers * in_flight
     if last:
-        activations += tokens * _head_activation_bytes(workload, s)
+        held = s.micro_batches(workload) if s.pp_schedule == "gpipe" and s.pp > 1 else 1
+        activations += held * tokens * _head_activation_bytes(workload, s)
 
     buffers = _buffers(workload, s, params, layers, per_layer_full, tokens, last)
     breakdown = MemoryBreakdown(
@@ -144,6 +151,15 @@ def _stage_memory(workload: Workload, s: Strategy, first: bool, last: bool) -> M
     )  # fmt: skip
     breakdown.peak = _peak(breakdown, s, workload, layers, kept * in_flight)
     return breakdown
+
+
+def _in_flight(workload: Workload, s: Strategy, first: bool) -> float:
+    """Micro-batches whose activations the stage keeps at its peak (1 without a pipeline)."""
+    if s.pp == 1:
+        return 1.0
+    rank = 0 if first else s.pp - 1
+    micro = s.micro_batches(workload)
+    return in_flight_micro_batches(s.pp, micro, s.pp_schedule, s.virtual_stages, rank)
 
 
 def block_activations(workload: Workload, s: Strategy) -> float:

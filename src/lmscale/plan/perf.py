@@ -1,7 +1,10 @@
 """Time, communication, cost and energy of a training job under one strategy.
 
-    compute   = tokens per step x hardware FLOPs per token / (devices x peak x MFU), stretched by
-                the pipeline bubble (pp - 1) / micro-batches of 1F1B (Narayanan et al. 2021)
+    compute   = tokens per step x hardware FLOPs per token / (devices x peak x MFU)
+    bubble    = compute x f / (1 - f), f = `pipeline_bubble_fraction`: (p - 1) / (m + p - 1) of
+                the step for GPipe and 1F1B, (p - 1) / (v m + p - 1) interleaved (Narayanan et
+                al. 2021); so the bubble is compute x (p - 1) / (v m)
+    pipeline: each rank's point-to-point sends (`pipeline_p2p_bytes`, the busiest rank), exposed
     tensor parallel: 4 all-reduces of the activations per block and micro-batch (2 forward,
                 2 backward; 2 more when the forward is recomputed), on the critical path
     data parallel:   ring all-reduce of the gradients, 2 (n-1)/n of their bytes per device
@@ -23,6 +26,11 @@ from lmscale.errors import LmscaleError
 from lmscale.plan.flops import training_flops_per_token
 from lmscale.plan.hardware import Accelerator
 from lmscale.plan.memory import stage_parameters
+from lmscale.plan.pipeline import (
+    pipeline_bubble_fraction,
+    pipeline_message_bytes,
+    pipeline_p2p_bytes,
+)
 from lmscale.plan.strategy import Strategy
 from lmscale.plan.workload import Workload
 
@@ -137,7 +145,7 @@ def step_time(workload: Workload, strategy: Strategy, cluster: Cluster) -> StepT
     peak = cluster.device.peak_flops(recipe.math)
     compute = s.step_tokens(workload) * hardware / (cluster.n_devices * peak * cluster.mfu)
     micro = s.micro_batches(workload)
-    bubble = compute * (s.pp - 1) / micro if s.pp > 1 else 0.0
+    bubble = _bubble(compute, s, micro)
     act_bytes = s.micro_batch * workload.seq_len * model.dim * recipe.activation_bytes
     layers = model.n_layers // s.pp
     comm: dict[str, float] = {}
@@ -145,7 +153,7 @@ def step_time(workload: Workload, strategy: Strategy, cluster: Cluster) -> StepT
         per_block = 6 if s.recompute == "full" else 4
         comm["tensor parallel"] = per_block * layers * micro * _ring(s.tp) * 2 * act_bytes
     if s.pp > 1:
-        comm["pipeline"] = 2 * micro * act_bytes  # activations forward, their gradients back
+        comm["pipeline"] = strategy_p2p_bytes(workload, s)
     if s.dp > 1:
         comm["data parallel"] = _data_parallel_bytes(workload, s, micro)
     intra, inter = cluster.device.intra_node_gbs * 1e9, cluster.device.inter_node_gbs * 1e9
@@ -158,6 +166,22 @@ def step_time(workload: Workload, strategy: Strategy, cluster: Cluster) -> StepT
     hidden_behind = compute * (1.0 if s.zero == 3 else 2 / 3)  # ZeRO-3 prefetches in forward too
     exposed = max(0.0, dp_time - hidden_behind)
     return StepTime(compute, bubble, tp_time, pp_time, dp_time, exposed, comm)
+
+
+def _bubble(compute: float, s: Strategy, micro: int) -> float:
+    """Idle seconds such that bubble / (compute + bubble) is the schedule's bubble fraction."""
+    if s.pp == 1:
+        return 0.0
+    fraction = pipeline_bubble_fraction(s.pp, micro, s.pp_schedule, s.virtual_stages)
+    return compute * fraction / (1 - fraction)
+
+
+def strategy_p2p_bytes(workload: Workload, s: Strategy) -> float:
+    """Pipeline bytes the busiest rank sends per step: activations forward, gradients back."""
+    model = workload.model
+    message = pipeline_message_bytes(s.micro_batch, workload.seq_len, model.dim,
+                                     workload.recipe.activation_bytes, s.tp, s.sp)  # fmt: skip
+    return pipeline_p2p_bytes(s.pp, s.micro_batches(workload), message, s.virtual_stages)
 
 
 def _ring(n: int) -> float:

@@ -1,18 +1,20 @@
 """Every strategy for a job on a cluster: which fit, ranked by time (then cost), and why each
 other one does not.
 
-Candidates: tensor parallel in powers of two up to a node, pipeline stages that divide the layers,
-data parallel over the rest, each ZeRO stage, with and without sequence parallel and
-recomputation. The best of each kind ("TP+SP x ZeRO-1", "FSDP/ZeRO-3", ...) makes the table.
+Candidates: tensor parallel in powers of two up to a node, pipeline stages that divide the layers
+(1F1B, and interleaved 1F1B with 2 chunks per rank where the layers and micro-batches allow;
+GPipe has 1F1B's bubble and more memory, so it never wins), data parallel over the rest, each
+ZeRO stage, with and without sequence parallel and recomputation. The best of each kind ("TP+SP x ZeRO-1", "FSDP/ZeRO-3", ...) makes the table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from lmscale.errors import LmscaleError
 from lmscale.plan.memory import MemoryBreakdown, training_memory
 from lmscale.plan.perf import Cluster, TrainingCost, training_cost
+from lmscale.plan.pipeline import INTERLEAVED
 from lmscale.plan.strategy import Strategy, strategy_problem
 from lmscale.plan.units import fmt_bytes
 from lmscale.plan.workload import Workload
@@ -94,8 +96,17 @@ def candidates(workload: Workload, cluster: Cluster, micro_batch: int = 1) -> li
             for zero in zeros:
                 for sp in (False, True) if tp > 1 else (False,):
                     for recompute in recomputes:
-                        out.append(Strategy(dp, tp, pp, zero, sp, recompute, micro_batch))
+                        strategy = Strategy(dp, tp, pp, zero, sp, recompute, micro_batch)
+                        out += [strategy, *_interleaved(strategy, workload)]
     return out
+
+
+def _interleaved(strategy: Strategy, workload: Workload) -> list[Strategy]:
+    """The strategy with two model chunks per pipeline rank, where that can run."""
+    if strategy.pp == 1:
+        return []
+    interleaved = replace(strategy, pp_schedule=INTERLEAVED, virtual_stages=2)
+    return [] if strategy_problem(interleaved, workload) else [interleaved]
 
 
 def recommend(workload: Workload, cluster: Cluster, micro_batch: int = 1) -> Recommendation:

@@ -8,8 +8,10 @@ from lmscale.plan.calibrate import TOLERANCE, Calibration
 from lmscale.plan.flops import forward_flops, training_flops_per_token
 from lmscale.plan.inference import ServePlan
 from lmscale.plan.memory import MemoryBreakdown
-from lmscale.plan.perf import Cluster
+from lmscale.plan.perf import Cluster, strategy_p2p_bytes
+from lmscale.plan.pipeline import in_flight_micro_batches, pipeline_bubble_fraction
 from lmscale.plan.recommend import Candidate, Recommendation
+from lmscale.plan.strategy import Strategy
 from lmscale.plan.units import fmt_bytes, fmt_count, fmt_money, fmt_seconds
 from lmscale.plan.workload import Workload
 
@@ -91,6 +93,7 @@ def _detail_lines(workload: Workload, cluster: Cluster, c: Candidate) -> list[st
             f"{kind} {fmt_bytes(size)}" for kind, size in step.comm_bytes.items()) or "none")
         + (f" (data parallel takes {fmt_seconds(step.data_parallel)}, hidden behind compute "
            "where shorter)" if step.data_parallel else ""),
+        *_pipeline_lines(workload, s),
         f"  bound by {step.bound}",
         f"  to train: {fmt_seconds(cost.seconds)}, {cost.device_hours:,.0f} device-hours, "
         f"{fmt_money(cost.dollars)} at ${cluster.price_per_hour:.2f}/device-hour; "
@@ -99,6 +102,32 @@ def _detail_lines(workload: Workload, cluster: Cluster, c: Candidate) -> list[st
         f"{cluster.pue}); {cost.co2_kg / 1000:,.3g} t CO2e at {cluster.grid_kg_per_kwh} kg/kWh",
     ]  # fmt: skip
     return lines
+
+
+def _pipeline_lines(workload: Workload, s: Strategy) -> list[str]:
+    """The schedule, its bubble and what its stages keep and send; nothing without a pipeline."""
+    if s.pp == 1:
+        return []
+    p = pipeline_summary(workload, s)
+    chunks = f" x {s.virtual_stages} chunks per rank" if s.virtual_stages > 1 else ""
+    return [
+        f"  pipeline: {s.pp_schedule}, {s.pp} stages{chunks}, {p['micro_batches']} micro-batches: "
+        f"bubble {p['bubble_fraction']:.1%} of the step; the first stage keeps "
+        f"{p['first_stage_micro_batches']:g} micro-batches' activations; p2p "
+        f"{fmt_bytes(p['p2p_bytes'])} sent per rank per step (busiest rank)"
+    ]
+
+
+def pipeline_summary(workload: Workload, s: Strategy) -> dict:
+    """What the report says of a pipeline: schedule, bubble fraction, in-flight count, p2p bytes."""
+    micro = s.micro_batches(workload)
+    return {
+        "schedule": s.pp_schedule, "virtual_stages": s.virtual_stages, "micro_batches": micro,
+        "bubble_fraction": pipeline_bubble_fraction(s.pp, micro, s.pp_schedule, s.virtual_stages),
+        "first_stage_micro_batches": in_flight_micro_batches(
+            s.pp, micro, s.pp_schedule, s.virtual_stages),
+        "p2p_bytes": strategy_p2p_bytes(workload, s),
+    }  # fmt: skip
 
 
 def _memory_lines(m: MemoryBreakdown) -> list[str]:
@@ -149,6 +178,8 @@ def candidate_json(c: Candidate, workload: Workload) -> dict:
         cost["step"] |= {"total": c.cost.step.total, "bound": c.cost.step.bound}
         cost["micro_batches"] = c.strategy.micro_batches(workload)
         out["cost"] = cost
+        if c.strategy.pp > 1:
+            out["pipeline"] = pipeline_summary(workload, c.strategy)
     return out
 
 

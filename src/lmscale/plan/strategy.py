@@ -2,6 +2,7 @@
 stage, sequence parallelism, recomputation and the micro-batch; and which of them can run.
 
     devices = dp x tp x pp           tp innermost (inside a node), then pp, then dp
+    pipeline schedules: gpipe, 1f1b, interleaved-1f1b (v model chunks per rank; see pipeline.py)
     ZeRO-1 shards optimizer states over dp, ZeRO-2 gradients too, ZeRO-3 (FSDP) parameters too
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from lmscale.errors import LmscaleError
 from lmscale.model.config import ModelConfig
 from lmscale.plan.flops import RECOMPUTE
+from lmscale.plan.pipeline import INTERLEAVED, SCHEDULES
 from lmscale.plan.workload import Workload
 
 NAMED_STRATEGIES = {
@@ -37,6 +39,10 @@ class Strategy:
     recompute: str = "none"
     micro_batch: int = 1
     """Sequences per forward pass on one data-parallel rank."""
+    pp_schedule: str = "1f1b"
+    """How a pipeline orders its micro-batches: gpipe, 1f1b or interleaved-1f1b."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank: above 1 only with interleaved-1f1b."""
 
     @property
     def n_devices(self) -> int:
@@ -74,12 +80,18 @@ class Strategy:
         if self.tp > 1:
             parts.append(f"tp{self.tp}" + (" sp" if self.sp else ""))
         if self.pp > 1:
-            parts.append(f"pp{self.pp}")
+            parts.append(f"pp{self.pp}" + self._schedule_label())
         parts.append(f"dp{self.dp}" + (f" zero{self.zero}" if self.zero else ""))
         text = " x ".join(parts)
         if self.recompute != "none":
             text += f", recompute {self.recompute}"
         return text
+
+    def _schedule_label(self) -> str:
+        """`` for the default 1F1B, ` gpipe`, ` interleaved v2`."""
+        if self.pp_schedule == INTERLEAVED:
+            return f" interleaved v{self.virtual_stages}"
+        return "" if self.pp_schedule == "1f1b" else f" {self.pp_schedule}"
 
 
 def check_strategy(strategy: Strategy, workload: Workload) -> None:
@@ -92,7 +104,7 @@ def check_strategy(strategy: Strategy, workload: Workload) -> None:
 def strategy_problem(strategy: Strategy, workload: Workload) -> str | None:
     """Why `strategy` cannot run `workload` at all (before memory is looked at), or None."""
     model, s = workload.model, strategy
-    for name in ("dp", "tp", "pp", "micro_batch"):
+    for name in ("dp", "tp", "pp", "micro_batch", "virtual_stages"):
         if getattr(s, name) < 1:
             return f"--{name.replace('_', '-')} must be positive, got {getattr(s, name)}"
     if s.zero not in (0, 1, 2, 3):
@@ -103,6 +115,7 @@ def strategy_problem(strategy: Strategy, workload: Workload) -> str | None:
         _tensor_parallel_problem(model, s.tp, s.sp)
         or _pipeline_problem(model, s)
         or _batch_problem(workload, s)
+        or _schedule_problem(workload, s)
     )
 
 
@@ -149,6 +162,33 @@ def _pipeline_problem(model: ModelConfig, s: Strategy) -> str | None:
         return (
             f"ZeRO-{s.zero} shards gradients that pipeline parallelism accumulates over "
             "micro-batches (DeepSpeed and Megatron-LM pair pipelines with ZeRO-1): use --zero 1"
+        )
+    return None
+
+
+def _schedule_problem(workload: Workload, s: Strategy) -> str | None:
+    """What interleaving needs (Narayanan et al. 2021; Megatron-LM checks the same)."""
+    if s.pp_schedule not in SCHEDULES:
+        return f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got '{s.pp_schedule}'"
+    if s.pp_schedule != INTERLEAVED and s.virtual_stages > 1:
+        return "--virtual-stages above 1 needs --pp-schedule interleaved-1f1b"
+    if s.pp == 1 and (s.pp_schedule != "1f1b" or s.virtual_stages > 1):
+        return f"--pp-schedule {s.pp_schedule} orders a pipeline's micro-batches: it needs --pp above 1"
+    if s.pp_schedule != INTERLEAVED:
+        return None
+    if s.virtual_stages < 2:
+        return "--pp-schedule interleaved-1f1b needs --virtual-stages 2 or more"
+    n_layers, chunks = workload.model.n_layers, s.pp * s.virtual_stages
+    if n_layers % chunks:
+        return (
+            f"pp x virtual stages = {s.pp} x {s.virtual_stages} = {chunks} model chunks do not "
+            f"divide the {n_layers} layers: choose --virtual-stages so that they do"
+        )
+    micro = s.micro_batches(workload)
+    if micro % s.pp:
+        return (
+            f"interleaved 1F1B runs micro-batches in groups of --pp {s.pp}, but each pipeline gets "
+            f"{micro}: choose --global-batch-tokens or --micro-batch to give a multiple of {s.pp}"
         )
     return None
 
