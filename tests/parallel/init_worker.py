@@ -9,7 +9,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -48,9 +47,7 @@ def main(data_dir: str, out_dir: str, strategy: str, *overrides: str) -> None:
     reference.init_weights(config.train.seed)
     want = reference.state_dict()
     report["compared"] = sorted(full)
-    report["max_diff"] = max(
-        (full[name].float() - want[name]).abs().max().item() for name in full
-    )
+    report["max_diff"] = max((full[name].float() - want[name]).abs().max().item() for name in full)
     Path(out_dir, f"rank{run.ranks.rank}.json").write_text(json.dumps(report))
     dist.barrier()
     _teardown(run, finished=True)

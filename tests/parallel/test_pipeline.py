@@ -36,9 +36,17 @@ def single4(shakespeare_dir, tmp_path_factory):
 # strategy, processes, per-rank batch (8 sequences per step in every case), extra overrides
 CASES = {
     "pp 1f1b": ("pp", 2, 8, ["--train.eval_interval", "8"]),
-    "pp gpipe": ("pp", 2, 8, ["--parallel.pp_schedule", "gpipe", "--parallel.pp_microbatches", "4"]),
+    "pp gpipe": (
+        "pp",
+        2,
+        8,
+        ["--parallel.pp_schedule", "gpipe", "--parallel.pp_microbatches", "4"],
+    ),
     "pp interleaved": (
-        "pp", 2, 8, ["--parallel.pp_schedule", "interleaved-1f1b", "--parallel.pp_microbatches", "4"]
+        "pp",
+        2,
+        8,
+        ["--parallel.pp_schedule", "interleaved-1f1b", "--parallel.pp_microbatches", "4"],
     ),  # fmt: skip
     "pp+fsdp 2x2": ("pp+fsdp", 4, 4, ["--parallel.pp", "2"]),
     "pp+tp 2x2": ("pp+tp", 4, 8, ["--parallel.tp", "2"]),

@@ -202,7 +202,9 @@ def initial_value(config: ModelConfig, name: str, shape: torch.Size, seed: int) 
     std = config.init_std
     if name.endswith(("wo.weight", "w2.weight")):
         std /= math.sqrt(2 * config.n_layers)
-    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+    generator = torch.Generator().manual_seed(
+        (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63
+    )
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 

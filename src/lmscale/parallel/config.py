@@ -65,7 +65,9 @@ class ParallelConfig:
             )
         for name in ("pp", "pp_microbatches"):
             if getattr(self, name) < 0:
-                raise LmscaleError(f"parallel.{name} must not be negative, got {getattr(self, name)}")
+                raise LmscaleError(
+                    f"parallel.{name} must not be negative, got {getattr(self, name)}"
+                )
         for name in ("tp", "powersgd_rank", "pp_virtual_stages"):
             if getattr(self, name) < 1:
                 raise LmscaleError(f"parallel.{name} must be positive, got {getattr(self, name)}")

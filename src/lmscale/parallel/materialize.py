@@ -24,9 +24,7 @@ def is_meta(module: nn.Module) -> bool:
     return any(p.is_meta for p in module.parameters())
 
 
-def materialize_(
-    module: nn.Module, config: ModelConfig, device: torch.device, seed: int
-) -> None:
+def materialize_(module: nn.Module, config: ModelConfig, device: torch.device, seed: int) -> None:
     """Give `module`'s meta parameters storage on `device` and their deterministic initial values.
 
     Args:

@@ -177,7 +177,9 @@ class Pipeline:
             raise LmscaleError("a pipeline evaluates after its first training step")
         rows, length = self._shape
         if inputs.shape[1] > length:
-            raise LmscaleError(f"evaluation windows of {inputs.shape[1]} exceed the {length} trained")
+            raise LmscaleError(
+                f"evaluation windows of {inputs.shape[1]} exceed the {length} trained"
+            )
         self._head, self._scale = head, 1.0
         total = torch.zeros((), device=targets.device)
         for start in range(0, inputs.shape[0], rows):
