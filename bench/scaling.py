@@ -22,7 +22,9 @@ prints one table:
     python bench/scaling.py --points none@1 ddp@2,hook=bf16 fsdp+tp@4,tp=2 --json
     python bench/scaling.py --device cuda --preset gpt2-124m # plain vs FSDP on one GPU
 
-A point is STRATEGY@NPROC[,key=value...] with keys tp, dp_shard, hook (DDP comm hook) and threads;
+A point is STRATEGY@NPROC[,key=value...] with keys tp, dp_shard, hook (DDP comm hook), threads,
+pp, schedule (gpipe, 1f1b, interleaved-1f1b), mb (pipeline micro-batches), v (stages per rank)
+and meta (0: build the whole model on every rank before sharding it);
 `hf-ddp` is Hugging Face transformers' twin of the model under torch DDP (the same shape and
 weights, batch, fused AdamW and clip 1.0), the comparison the house rules ask for.
 """
@@ -50,7 +52,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parent.parent
 CPU_GRID = ("none@1", "none@1,threads=1", "ddp@2", "fsdp@2", "tp@2", "fsdp+tp@4,tp=2",
             "hsdp@4,dp_shard=2", "ddp@2,hook=bf16", "ddp@2,hook=powersgd", "fsdp@1",
-            "hf-ddp@2")  # fmt: skip
+            "hf-ddp@2", "pp@2", "pp@2,schedule=gpipe", "pp@2,schedule=interleaved-1f1b",
+            "pp+fsdp@4,pp=2", "pp+tp@4,tp=2", "fsdp@2,meta=0")  # fmt: skip
 GPU_GRID = ("none@1", "fsdp@1", "ddp@2", "fsdp@2", "hf-ddp@2")
 MiB = 2**20
 
@@ -66,6 +69,14 @@ class Point:
     hook: str = "none"
     threads: int = 0
     """Torch threads per process; 0 keeps torchrun's choice (all cores for 1 process, else 1)."""
+    pp: int = 0
+    schedule: str = "1f1b"
+    mb: int = 0
+    """Pipeline micro-batches per step (0: one per sequence)."""
+    v: int = 2
+    """interleaved-1f1b: stages per rank."""
+    meta: int = 1
+    """1 builds the model on the meta device (each rank allocates its part), 0 everywhere first."""
 
     @classmethod
     def parse(cls, spec: str) -> Point:
@@ -189,6 +200,10 @@ def grad_bytes(optimizer) -> int:
     return sum(_local_bytes(p.grad) for p in _unique(params) if p.grad is not None)
 
 
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
 def peak_memory_mib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / MiB
@@ -287,7 +302,9 @@ def lmscale_worker(point: Point, args) -> dict:
     from lmscale.train.precision import DTYPES
 
     config = load_run_config(args.config, run_overrides(point, args))
+    before = peak_rss_bytes()
     run = setup(config, Path(args.result_dir) / "run", resume=False)
+    setup_growth = peak_rss_bytes() - before
     out = measure(lambda: train_step(run), args, run.device, run.optimizer,
                   run.model.parameters(), run.parallel.comm)  # fmt: skip
     param_bytes = (
@@ -300,7 +317,32 @@ def lmscale_worker(point: Point, args) -> dict:
     # PowerSGD: no formula here; its hook counts what it hands to the all-reduces.
     out["analytic_comm_bytes"] = analytic if analytic is not None else out["ddp_counter_bytes"]
     out["tokens_per_step"] = _tokens_per_step(run)
-    out["model_params"] = sum(p.numel() for p in _unique(run.model.parameters()))
+    out["model_params"] = config.model.num_params()
+    out["setup_peak_growth_mib"] = setup_growth / MiB
+    pipeline = run.parallel.pipeline
+    if pipeline is not None:  # the planner's bubble and sends for this pipeline, to compare
+        from lmscale.plan import (
+            pipeline_bubble_fraction,
+            pipeline_message_bytes,
+            pipeline_p2p_bytes,
+        )
+
+        stages_per_rank = len(pipeline.stages)
+        rows = config.train.batch_size // pipeline.n_microbatches
+        message = pipeline_message_bytes(
+            rows, run.context, config.model.dim, 4, run.parallel.tp_size,
+            config.parallel.sequence_parallel and run.parallel.tp_size > 1,
+        )  # fmt: skip
+        pp = run.parallel.pp_size
+        out["pipeline"] = {
+            "pp": pp, "microbatches": pipeline.n_microbatches, "virtual_stages": stages_per_rank,
+            "bubble_formula": pipeline_bubble_fraction(
+                pp, pipeline.n_microbatches, config.parallel.pp_schedule, stages_per_rank
+            ),
+            "p2p_bytes_formula": pipeline_p2p_bytes(
+                pp, pipeline.n_microbatches, message, stages_per_rank
+            ),
+        }  # fmt: skip
     _finish(run.parallel.distributed)
     return out
 
@@ -312,7 +354,10 @@ def run_overrides(point: Point, args) -> list[str]:
          "train.max_steps": 10_000, "train.grad_accum_steps": 1, "train.compile": "false",
          "parallel.strategy": point.strategy, "parallel.tp": point.tp,
          "parallel.dp_shard": point.dp_shard, "parallel.ddp_comm_hook": point.hook,
-         "parallel.powersgd_start_step": 2, "parallel.timeout_s": 300}  # fmt: skip
+         "parallel.powersgd_start_step": 2, "parallel.timeout_s": 300,
+         "parallel.pp": point.pp, "parallel.pp_schedule": point.schedule,
+         "parallel.pp_microbatches": point.mb, "parallel.pp_virtual_stages": point.v,
+         "train.meta_init": "true" if point.meta else "false"}  # fmt: skip
     if args.context:
         o["train.context"] = args.context
     if args.preset:
@@ -471,6 +516,13 @@ def summarize(point: Point, ranks: list[dict]) -> dict:
     for key in ("comm_bytes", "analytic_comm_bytes", "ddp_counter_bytes", "comm_by_op", "profile"):
         row[key] = head[key]
     row |= {"model_params": head["model_params"], "ranks": ranks}
+    row["setup_peak_growth_mib"] = max(r.get("setup_peak_growth_mib", 0.0) for r in ranks)
+    row["pipeline"] = head.get("pipeline")
+    if row["pipeline"]:  # what the busiest rank sent and received point to point in one step
+        row["pipeline"]["p2p_bytes_counted"] = max(
+            sum(n for op, n in r["comm_by_op"].items() if "send" in op or "recv" in op)
+            for r in ranks
+        )
     return row
 
 
@@ -536,6 +588,39 @@ def table_cells(row: dict, baselines: dict[str, float]) -> list[str]:
     ]  # fmt: skip
 
 
+def print_pipeline_table(rows: list[dict], baselines: dict[str, float]) -> None:
+    """Pipeline points: the bubble measured (against N ideal 1-thread processes) and planned."""
+    pipes = [r for r in rows if "error" not in r and r.get("pipeline")]
+    if not pipes:
+        return
+    print("\n| point | micro-batches x stages/rank | tok/s | bubble measured | bubble formula |"
+          " p2p MB/step counted | p2p MB/step planned |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|")
+    one = baselines["one_thread"]
+    for row in pipes:
+        pipe = row["pipeline"]
+        # NOTE: measured = 1 - throughput / (nproc x one 1-thread process): it holds the sends
+        # and the stages' imbalance too, which the formula leaves out.
+        measured = f"{1 - row['tok_s'] / (row['nproc'] * one):.2f}" if one else "-"
+        print(
+            f"| {row['point']} | {pipe['microbatches']} x {pipe['virtual_stages']} | "
+            f"{row['tok_s']:,.0f} | {measured} | {pipe['bubble_formula']:.2f} | "
+            f"{pipe['p2p_bytes_counted'] / 1e6:.2f} | {pipe['p2p_bytes_formula'] / 1e6:.2f} |"
+        )
+
+
+def print_setup_table(rows: list[dict]) -> None:
+    """Per-rank peak memory growth while setting up (building, sharding, initialising)."""
+    print("\n| point | setup peak growth MiB (per rank, max) | model fp32 MiB |")
+    print("|---|---:|---:|")
+    for row in rows:
+        if "error" not in row:
+            print(
+                f"| {row['point']} | {row['setup_peak_growth_mib']:,.1f} | "
+                f"{4 * row['model_params'] / MiB:,.1f} |"
+            )
+
+
 def find_baselines(rows: list[dict]) -> dict[str, float]:
     """tok/s of the 1-process plain run at its default threads and at 1 thread (0 if not run)."""
     plain = [r for r in rows if "error" not in r and r["strategy"] == "none" and r["nproc"] == 1]
@@ -581,6 +666,8 @@ def report(rows: list[dict], args) -> None:
               f"per data-parallel rank; {args.steps} timed steps after {args.warmup}; RSS of a "
               f"process after importing torch: {base:.0f} MiB")  # fmt: skip
     print_table(rows, baselines)
+    print_pipeline_table(rows, baselines)
+    print_setup_table(rows)
     if ratio:
         print(f"lmscale ddp@2 / transformers ddp@2 tok/s: {ratio:.2f}x")
     print(NOTES)

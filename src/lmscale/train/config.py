@@ -67,6 +67,9 @@ class TrainConfig:
     """auto (CUDA when present, else CPU), cpu, cuda, or cuda:N."""
     compile: bool = False
     """torch.compile the model."""
+    meta_init: bool = True
+    """Build a fresh model on the meta device, so each rank allocates and initialises only its
+    part; false builds the whole model on every rank first (the same weights, more memory)."""
     float8: bool = False
     """Train the block linears in float8 through torchao (CUDA, compute capability 8.9+, e.g.
     H100); the output head and layers with dims not multiples of 16 stay as they are. Pair it

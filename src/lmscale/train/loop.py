@@ -278,8 +278,11 @@ def _initial_model(config: RunConfig, train_data: TokenDataset, device) -> Trans
     if config.train.init_from is None:
         config.model = config.model.replace(vocab_size=vocab)
         # On the meta device: `parallelize` allocates and initialises only this rank's part.
-        with torch.device("meta"):
-            return Transformer(config.model)
+        with torch.device("meta" if config.train.meta_init else device):
+            model = Transformer(config.model)
+        if not config.train.meta_init:
+            model.init_weights(config.train.seed)  # the values meta init gives
+        return model
     model, _ = load_pretrained(config.train.init_from, device, dtype="float32")
     if model.config.vocab_size != vocab:
         raise LmscaleError(
