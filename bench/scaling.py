@@ -518,9 +518,9 @@ def summarize(point: Point, ranks: list[dict]) -> dict:
     row |= {"model_params": head["model_params"], "ranks": ranks}
     row["setup_peak_growth_mib"] = max(r.get("setup_peak_growth_mib", 0.0) for r in ranks)
     row["pipeline"] = head.get("pipeline")
-    if row["pipeline"]:  # what the busiest rank sent and received point to point in one step
+    if row["pipeline"]:  # what the busiest rank sent point to point in one step
         row["pipeline"]["p2p_bytes_counted"] = max(
-            sum(n for op, n in r["comm_by_op"].items() if "send" in op or "recv" in op)
+            sum(n for op, n in r["comm_by_op"].items() if "send" in op)
             for r in ranks
         )
     return row
@@ -594,7 +594,7 @@ def print_pipeline_table(rows: list[dict], baselines: dict[str, float]) -> None:
     if not pipes:
         return
     print("\n| point | micro-batches x stages/rank | tok/s | bubble measured | bubble formula |"
-          " p2p MB/step counted | p2p MB/step planned |")  # fmt: skip
+          " p2p sends MB/step counted | planned |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|")
     one = baselines["one_thread"]
     for row in pipes:
