@@ -520,8 +520,7 @@ def summarize(point: Point, ranks: list[dict]) -> dict:
     row["pipeline"] = head.get("pipeline")
     if row["pipeline"]:  # what the busiest rank sent point to point in one step
         row["pipeline"]["p2p_bytes_counted"] = max(
-            sum(n for op, n in r["comm_by_op"].items() if "send" in op)
-            for r in ranks
+            sum(n for op, n in r["comm_by_op"].items() if "send" in op) for r in ranks
         )
     return row
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from lmscale.train import fused_loss
+from lmscale.train import loss_parallel
 from lmscale.train.fused_loss import IGNORE_INDEX
 from lmscale.train.loss_parallel import vocab_parallel_cross_entropy
 
@@ -21,7 +21,7 @@ from lmscale.train.loss_parallel import vocab_parallel_cross_entropy
 def main(out_dir: str, vocab: int) -> None:
     dist.init_process_group("gloo")
     mesh = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("tp",))
-    fused_loss.CHUNK_ELEMENTS = 2**9  # several chunks of rows, to test the chunk loop
+    loss_parallel.CHUNK_ELEMENTS = 2**9  # several chunks of rows (64 each), to test the loop
     gen = torch.Generator().manual_seed(0)  # the same full tensors on every rank
     hidden = torch.randn(96, 16, generator=gen)
     weight = torch.randn(vocab, 16, generator=gen)

@@ -37,21 +37,29 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor) -> Ten
         A scalar fp32 tensor: the sum of the scored tokens' negative log-likelihoods. Under
         autocast the matrix products run in the autocast dtype, the softmax in fp32.
     """
+    return PrecomputedGradients.apply(hidden, weight, targets, compute_dtype(hidden), _chunked)
+
+
+def compute_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype the projection's matrix products run in: autocast's, else the hidden states'."""
     device_type = hidden.device.type
-    compute_dtype = hidden.dtype
     if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, compute_dtype)
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
+class PrecomputedGradients(torch.autograd.Function):
+    """A summed loss whose gradients are computed with it in the forward (by `compute`), so the
+    backward only scales them: what the fused losses here and in `loss_parallel` share.
+
+    `compute(hidden, weight, targets, dtype, need_grads) -> (loss, grad_hidden, grad_weight)`.
+    """
+
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, compute_dtype: torch.dtype):
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, dtype: torch.dtype, compute):
         with torch.autocast(hidden.device.type, enabled=False):
             need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            loss, grad_hidden, grad_weight = _chunked(
-                hidden, weight, targets, compute_dtype, need_grads
-            )
+            loss, grad_hidden, grad_weight = compute(hidden, weight, targets, dtype, need_grads)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return loss
@@ -63,6 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return (
             (grad_hidden * grad_loss).to(hidden_dtype),
             (grad_weight * grad_loss).to(weight_dtype),
+            None,
             None,
             None,
         )

@@ -18,6 +18,7 @@ Every rank ends with the same loss and the same full gradient of the hidden stat
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,7 +26,12 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from lmscale.train.fused_loss import CHUNK_ELEMENTS, IGNORE_INDEX
+from lmscale.train.fused_loss import (
+    CHUNK_ELEMENTS,
+    IGNORE_INDEX,
+    PrecomputedGradients,
+    compute_dtype,
+)
 
 
 def is_vocab_sharded(weight: Tensor) -> bool:
@@ -51,43 +57,15 @@ def vocab_parallel_cross_entropy(hidden: Tensor, weight: DTensor, targets: Tenso
     group, rank, size = mesh.get_group(), mesh.get_local_rank(), mesh.size()
     vocab = weight.shape[0]
     start = min(rank * math.ceil(vocab / size), vocab)  # torch.chunk's split, as DTensor's Shard
-    device_type = hidden.device.type
-    compute_dtype = hidden.dtype
-    if torch.is_autocast_enabled(device_type):
-        compute_dtype = torch.get_autocast_dtype(device_type)
-    return _VocabParallelCrossEntropy.apply(
-        hidden, weight.to_local(), targets, compute_dtype, (group, start, vocab)
+    compute = functools.partial(_chunked, group=group, start=start, vocab=vocab)
+    return PrecomputedGradients.apply(
+        hidden, weight.to_local(), targets, compute_dtype(hidden), compute
     )
-
-
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, local_weight, targets, compute_dtype, shard):
-        with torch.autocast(hidden.device.type, enabled=False):
-            need_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-            loss, grad_hidden, grad_weight = _chunked(
-                hidden, local_weight, targets, compute_dtype, need_grads, *shard
-            )
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.dtypes = (hidden.dtype, local_weight.dtype)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        hidden_dtype, weight_dtype = ctx.dtypes
-        return (
-            (grad_hidden * grad_loss).to(hidden_dtype),
-            (grad_weight * grad_loss).to(weight_dtype),
-            None,
-            None,
-            None,
-        )
 
 
 def _chunked(
     hidden: Tensor, local_weight: Tensor, targets: Tensor, dtype: torch.dtype, need_grads: bool,
-    group: dist.ProcessGroup, start: int, vocab: int,
+    *, group: dist.ProcessGroup, start: int, vocab: int,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     h, w = hidden.to(dtype), local_weight.to(dtype)
     n_rows, local_vocab = h.shape[0], w.shape[0]
