@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from gguf_files import tiny_gguf
-from torch import nn
 
 import lmscale.model.quantized as quantized
 from lmscale.checkpoint.gguf import (
@@ -120,10 +119,13 @@ def test_greedy_continuation_matches_transformers(ours, reference, prompt):
     assert got == expected and len(got) >= 8
 
 
-def test_keep_quantized_bundled_q4_1_is_the_float_load_in_int4(ours, monkeypatch):
+def test_keep_quantized_bundled_file_is_the_float_load_in_int4_and_int8(ours, monkeypatch):
     model, _ = ours
     kept, gguf_model = load_gguf(smollm2_path(), keep_quantized=True)
-    layers = {n: m for n, m in kept.named_modules() if isinstance(m, QuantizedLinear)}
+    layers = {
+        n: m for n, m in kept.named_modules()
+        if isinstance(m, QuantizedLinear) and m.method == "int4"
+    }  # fmt: skip
     assert len(layers) == 30 * 7 and gguf_model.int4_layers == dict.fromkeys(layers, "float")
     floats = dict(model.named_modules())
     for name, layer in layers.items():
@@ -132,7 +134,12 @@ def test_keep_quantized_bundled_q4_1_is_the_float_load_in_int4(ours, monkeypatch
         # Q4_1's d and m are float16: lmscale's saved format (float16 scales, mins) keeps them
         assert torch.equal(layer.scales, layer.scales.half().float())
         assert torch.equal(layer.mins, layer.mins.half().float())
-    assert type(kept.tok_embeddings) is nn.Embedding  # Q8_0, and the tied head with it
+    # the Q8_0 table: grouped int8, and the tied head is the same module
+    table = kept.tok_embeddings.table
+    assert gguf_model.int8_layers == ["tok_embeddings"] and kept.output is table
+    assert (table.method, table.group_size) == ("int8", 32)
+    assert torch.equal(kept.tok_embeddings.dequantize(), model.tok_embeddings.weight)
+    assert torch.equal(table.scales, table.scales.half().float())  # Q8_0's d is float16
     tokens = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
     monkeypatch.setattr(quantized, "use_kernels", False)  # the reference path: same weights
     with torch.no_grad():

@@ -12,9 +12,10 @@ from lmscale.checkpoint import load_pretrained
 from lmscale.checkpoint.gguf import dequantize, load_gguf, read_gguf, unpermute_rope
 from lmscale.checkpoint.gguf_int4 import int4_buffers
 from lmscale.checkpoint.load import build_model
+from lmscale.compress import quantization_of
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig
-from lmscale.model.quantized import QuantizedLinear
+from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 gguf = pytest.importorskip("gguf")
 
@@ -139,6 +140,10 @@ def test_keep_quantized_mixed_file_holds_the_same_weights_as_int4(mixed, monkeyp
     float_model, _ = load_gguf(path)
     model, gguf_model = load_gguf(path, keep_quantized=True)
     assert gguf_model.int4_layers == expected_int4_layers()
+    assert gguf_model.int8_layers == [
+        f"layers.{name.split('.')[1]}.{NAMES[name.split('.')[2]]}"
+        for name, type_name in MIXED.items() if type_name == "Q8_0"
+    ]  # fmt: skip
     floats = dict(float_model.named_modules())
     for name, module in model.named_modules():
         if name in gguf_model.int4_layers:
@@ -147,9 +152,15 @@ def test_keep_quantized_mixed_file_holds_the_same_weights_as_int4(mixed, monkeyp
             assert (module.method, module.group_size, module.zero_point) == ("int4", 32, zero_point)
             # the same values, q/k rows unpermuted with them (exact: float32 scales, see gguf_int4)
             assert torch.equal(module.dequantize(), floats[name].weight), name
-        elif isinstance(floats[name], nn.Linear):  # Q5_K, Q6_K, Q8_0 stay float
+        elif name in gguf_model.int8_layers:  # Q8_0: grouped int8, its file's codes
+            assert isinstance(module, QuantizedLinear)
+            assert (module.method, module.group_size) == ("int8", 32)
+            assert torch.equal(module.dequantize(), floats[name].weight), name
+        elif isinstance(floats[name], nn.Linear):  # Q5_K, Q6_K stay float
             assert type(module) is nn.Linear and torch.equal(module.weight, floats[name].weight)
     assert type(model.tok_embeddings) is nn.Embedding  # Q4_K, but the embedding stays float
+    with pytest.raises(LmscaleError, match="mix quantized layouts"):  # no one saved record
+        quantization_of(model)
     with torch.no_grad():
         expected = float_model(TOKENS)
         error = (model(TOKENS) - expected).abs().max() / expected.abs().max()
@@ -174,6 +185,26 @@ def test_keep_quantized_q4_0_and_q4_1_files(tmp_path, type_name, zero_point):
     with torch.no_grad():
         expected = float_model(tokens)
         assert (model(tokens) - expected).abs().max() < 0.01 * expected.abs().max()
+
+
+def test_keep_quantized_q8_0_file_keeps_its_linears_and_tied_table_as_grouped_int8(tmp_path):
+    path = tiny_gguf(tmp_path / "q8.gguf", tensor_type="Q8_0", seed=0)
+    float_model, _ = load_gguf(path)
+    model, gguf_model = load_gguf(path, keep_quantized=True)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    assert set(gguf_model.int8_layers) == {*layers, "tok_embeddings"} - {"tok_embeddings.table"}
+    assert len(layers) == 8 and {(m.method, m.group_size) for m in layers.values()} == {
+        ("int8", 32)
+    }
+    assert isinstance(model.tok_embeddings, QuantizedEmbedding)
+    assert model.output is model.tok_embeddings.table  # tied: one table
+    floats = dict(float_model.named_modules())
+    for name, layer in layers.items():
+        float_name = "tok_embeddings" if name == "tok_embeddings.table" else name
+        assert torch.equal(layer.dequantize(), floats[float_name].weight), name
+    tokens = torch.tensor([[0, 2, 1, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), float_model(tokens), rtol=0.01, atol=0.01)
 
 
 def test_int4_buffers_refuse_a_tensor_of_the_wrong_size():

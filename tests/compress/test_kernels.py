@@ -120,6 +120,59 @@ def test_from_codes_refuses_codes_out_of_range():
         )  # fmt: skip
 
 
+def grouped_int8_layer(out_features=40, in_features=256, group_size=32, seed=0):
+    """Grouped int8 (the layout a GGUF's Q8_0 loads into): random codes, float16 scales."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(-127, 128, (out_features, in_features), generator=gen)
+    scales = (torch.rand(out_features, in_features // group_size, generator=gen) / 100).half()
+    bias = torch.randn(out_features, generator=gen)
+    return QuantizedLinear.from_codes(q, scales.float(), None, "int8", group_size, bias)
+
+
+def test_grouped_int8_holds_one_scale_per_group_and_runs_the_reference_eagerly():
+    layer = grouped_int8_layer()
+    q, scales, zeros = layer.codes()
+    assert q.dtype == torch.int8 and zeros is None and scales.shape == (40, 8)
+    expected = (q.float().view(40, 8, 32) * scales[..., None]).view(40, 256)
+    assert torch.equal(layer.dequantize(), expected)
+    rows = torch.tensor([[3, 0], [39, 3]])
+    assert torch.equal(layer.dequantize_rows(rows, torch.float32), expected[rows])
+    x = torch.randn(3, 5, 256)
+    assert torch.equal(layer(x), nn.functional.linear(x, expected, layer.bias))
+    rebuilt = QuantizedLinear.from_codes(q, scales, None, "int8", 32, layer.bias)
+    for name, tensor in layer.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], tensor), name
+    with pytest.raises(LmscaleError, match="int8 group size must be 32, 64 or 128, got 48"):
+        QuantizedLinear(240, 40, "int8", 48)
+    with pytest.raises(LmscaleError, match="a group size applies to int4 and int8 only"):
+        QuantizedLinear(256, 40, "int8-dynamic", 32)
+    with pytest.raises(LmscaleError, match=r"int8 scales must have shape \(40, 8\)"):
+        QuantizedLinear.from_codes(q, scales[:, 0], None, "int8", 32)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_compiled_int8_of_a_few_rows_sums_in_float32(rows):
+    """In a compiled graph of a few rows (the decode step), both int8 layouts run as a float32
+    product-sum fed by a realised input: float32 rounding from the reference, where the eager
+    kernel's bfloat16 activations are ~0.1% off."""
+    per_channel, grouped = quantized_layer("int8", None), grouped_int8_layer()
+    norm = torch.rand(256) + 0.5
+
+    def normed(x):  # the RMSNorm that feeds a projection (and must not be recomputed per row)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm
+
+    compiled = torch.compile(lambda x: (per_channel(normed(x)), grouped(normed(x))), fullgraph=True)
+    x = torch.randn(rows, 256)
+    with torch.no_grad():
+        h = normed(x).double()
+        for layer, y in zip((per_channel, grouped), compiled(x), strict=True):
+            expected = nn.functional.linear(h, layer.dequantize(torch.float64), layer.bias.double())
+            assert (y.double() - expected).abs().max() / expected.abs().max() < 1e-6
+        eager = per_channel(normed(x)).double()
+        assert (eager - nn.functional.linear(h, per_channel.dequantize(torch.float64),
+                per_channel.bias.double())).abs().max() > 1e-5  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny tied-embedding llama model with random weights, saved as a native float folder."""

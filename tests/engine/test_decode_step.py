@@ -8,8 +8,10 @@ import asyncio
 import time
 
 import pytest
+import torch
 from engine_helpers import assert_same_greedy, random_prompts, tiny_model
 
+from lmscale.compress import QuantConfig, quantize_
 from lmscale.engine import (
     AsyncEngine,
     EngineConfig,
@@ -20,6 +22,7 @@ from lmscale.engine import (
     generate_ids,
 )  # fmt: skip
 from lmscale.engine.decode_step import DecodeStep, batch_bucket
+from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 LENGTHS = [1, 3, 9, 16, 17, 33, 40, 60]
 
@@ -86,6 +89,34 @@ def test_generate_with_the_compiled_step_equals_eager(tiny_tokenizer):
         generate_ids(model, prompt, seeded)
     )
     assert set(step.compile_seconds) == {(1, True)}  # caches of any length share one graph
+
+
+def q8_0_table(embedding: torch.nn.Embedding) -> QuantizedEmbedding:
+    """The table as a GGUF's Q8_0 holds it: int8 codes, one float16 scale per 32 values."""
+    weight = embedding.weight.detach()
+    groups = weight.view(weight.shape[0], -1, 32)
+    scales = (groups.abs().amax(-1) / 127).half().float()
+    q = torch.round(groups / scales[..., None]).clamp(-127, 127).view_as(weight)
+    table = QuantizedEmbedding(*weight.shape, "int8", 32)
+    table.table = QuantizedLinear.from_codes(q, scales, None, "int8", 32)
+    return table
+
+
+def test_generate_with_the_compiled_step_equals_eager_on_int4_layers_and_a_q8_0_table(
+    tiny_tokenizer,
+):  # fmt: skip
+    """The form of the bundled GGUF kept quantized: Q4_1 layers, a tied Q8_0 table."""
+    model = tiny_model()
+    quantize_(model, QuantConfig("int4", 32, zero_point="float"))
+    model.tok_embeddings = q8_0_table(model.tok_embeddings)
+    model.output = model.tok_embeddings.table
+    step = DecodeStep(model)
+    params = SamplingParams(temperature=0, max_new_tokens=30)
+    for prompt in random_prompts([1, 20]):
+        got = list(generate_ids(model, prompt, params, step=step))
+        want = list(generate_ids(model, prompt, params))
+        assert_same_greedy(model, prompt, got, want)
+    assert set(step.compile_seconds) == {(1, True)}
 
 
 def test_background_warm_up_serves_eagerly_until_the_graphs_are_ready(tiny_tokenizer):

@@ -137,6 +137,18 @@ def test_nbits_layout_dequantizes_to_the_layer_weight(method):
     assert torch.equal(weight, layer.dequantize(torch.float32))
 
 
+def test_nbits_layout_of_grouped_int8_keeps_its_scale_per_block():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (48, 128), generator=gen)
+    scales = torch.rand(48, 4, generator=gen).half().float()
+    layer = QuantizedLinear.from_codes(q, scales, None, "int8", 32)  # a GGUF's Q8_0 layout
+    t = nbits_tensors(layer)
+    assert (t["bits"], t["block_size"]) == (8, 32) and torch.equal(t["scales"], scales.view(-1))
+    weight = dequantize_nbits(t["packed"], t["scales"], t["zero_points"], t["K"], t["N"],
+                              t["bits"], t["block_size"])  # fmt: skip
+    assert torch.equal(weight, layer.dequantize(torch.float32))
+
+
 def test_nbits_layout_of_a_float_zero_point_is_float_zero_points():
     torch.manual_seed(0)
     model = Transformer(preset("tiny")).eval()

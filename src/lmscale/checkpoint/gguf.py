@@ -4,8 +4,9 @@ A GGUF holds metadata (shape, tokenizer, chat template) and tensors, many of the
 blocks. We read it with the `gguf` package's `GGUFReader`, dequantize every tensor to float32,
 rename it to lmscale's names and undo the row order llama.cpp gives the query and key weights.
 With `keep_quantized`, the linear layers of the three 4-bit types that are lmscale int4 layouts
-(Q4_0, Q4_1, Q4_K: see `gguf_int4`) load as `QuantizedLinear` modules holding the file's own
-codes instead; every other tensor is dequantized as before.
+(Q4_0, Q4_1, Q4_K: see `gguf_int4`) and of Q8_0 (grouped int8), and a Q8_0 token table (with
+the output head tied to it), load as `QuantizedLinear` / `QuantizedEmbedding` modules holding
+the file's own codes instead; every other tensor is dequantized as before.
 Everything is checked before anything is returned: a file either loads whole or raises
 `LmscaleError` naming the file and the problem.
 """
@@ -20,12 +21,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lmscale.checkpoint.gguf_int4 import GROUP_SIZE, ZERO_POINTS, int4_buffers
+from lmscale.checkpoint.gguf_int4 import (
+    GROUP_SIZE,
+    INT8_TYPES,
+    ZERO_POINTS,
+    int4_buffers,
+    int8_buffers,
+)  # fmt: skip
 from lmscale.checkpoint.gguf_tokenizer import GGUFTokenizer, build_tokenizer
 from lmscale.checkpoint.load import empty_init, fill_model
 from lmscale.errors import LmscaleError
 from lmscale.model import ModelConfig, Transformer
-from lmscale.model.quantized import swap_in_quantized_
+from lmscale.model.quantized import swap_in_embedding_, swap_in_quantized_
 
 # Tensor types we can turn into float32 (all through `gguf.quants.dequantize`): those of the
 # common llama.cpp files (Q4_K_M, Q5_K_M, Q6_K, Q8_0, ...); not the IQ* and TQ* types.
@@ -76,6 +83,10 @@ class GGUFModel:
     """Linear layers kept as int4 (`keep_quantized`): module name -> zero point ("int" for
     Q4_0, "float" for Q4_1 and Q4_K); `state_dict` holds their `QuantizedLinear` buffers
     (`<name>.qweight`, `.scales`, `.mins` or `.zeros`) instead of `<name>.weight`."""
+    int8_layers: list[str] = field(default_factory=list)
+    """Modules kept as grouped int8 (Q8_0, group 32; `keep_quantized`): linear layers by name,
+    and "tok_embeddings" for the token table (a `QuantizedEmbedding`, the tied head with it);
+    `state_dict` holds their `.qweight` and `.scales` (the table's as `tok_embeddings.table.*`)."""
 
 
 def read_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
@@ -83,8 +94,9 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
 
     Args:
         path: the .gguf file.
-        keep_quantized: keep the Q4_0, Q4_1 and Q4_K linear weights as int4 codes (group 32,
-            exactly the file's values) rather than dequantizing them; see `GGUFModel.int4_layers`.
+        keep_quantized: keep the Q4_0, Q4_1 and Q4_K linear weights as int4 codes and Q8_0
+            linear weights and token table as int8 codes (group 32, exactly the file's values)
+            rather than dequantizing them; see `GGUFModel.int4_layers` and `.int8_layers`.
 
     Returns:
         The config, state dict, tokenizer, special tokens, chat template and metadata.
@@ -102,8 +114,8 @@ def read_gguf(path: str | Path, keep_quantized: bool = False) -> GGUFModel:
     tokenizer = build_tokenizer(meta, path)
     tensors = {t.name: t for t in reader.tensors}
     config = _config(meta, path, len(tokenizer.tokens), tied="output.weight" not in tensors)
-    state, int4_layers = _state_dict(tensors, config, path, keep_quantized)
-    return _assemble(config, state, int4_layers, tokenizer, meta)
+    state, int4_layers, int8_layers = _state_dict(tensors, config, path, keep_quantized)
+    return _assemble(config, state, int4_layers, int8_layers, tokenizer, meta)
 
 
 def load_gguf(
@@ -120,15 +132,15 @@ def load_gguf(
         dtype: a floating dtype (or its name) to cast to; None keeps float32 (and the int4
             layers' float32 scales, which hold Q4_K's exactly).
         keep_quantized: make the Q4_0, Q4_1 and Q4_K linear layers int4 `QuantizedLinear`
-            modules (group 32; Q4_0 with zero point 8, the others with a float minimum) whose
-            dequantized weights are exactly the float load's; the token embedding and every
-            other type stay float.
+            modules (group 32; Q4_0 with zero point 8, the others with a float minimum), and
+            Q8_0 linear layers and token table grouped int8 ones, whose dequantized weights
+            are exactly the float load's; every other type stays float.
 
     Returns:
         (model, everything else the file holds, see `read_gguf`).
     """
     gguf_model = read_gguf(path, keep_quantized)
-    model = _empty_model(gguf_model.config, gguf_model.int4_layers)
+    model = _empty_model(gguf_model.config, gguf_model.int4_layers, gguf_model.int8_layers)
     return fill_model(model, gguf_model.state_dict, device, dtype), gguf_model
 
 
@@ -291,25 +303,33 @@ def _check_rope(meta: dict, path: Path) -> None:
         raise LmscaleError(f"{path}: RoPE scaling '{scaling}' is not supported")
 
 
-def _empty_model(config: ModelConfig, int4_layers: dict[str, str]) -> Transformer:
-    """A `Transformer` on the meta device with an empty int4 layer at each of `int4_layers`."""
+def _empty_model(
+    config: ModelConfig, int4_layers: dict[str, str], int8_layers: list[str]
+) -> Transformer:
+    """A `Transformer` on the meta device with an empty int4 layer at each of `int4_layers`
+    and an empty grouped int8 one (or token table) at each of `int8_layers`."""
     with empty_init():
         model = Transformer(config)
         for zero_point in ("int", "float"):
             names = [name for name, zero in int4_layers.items() if zero == zero_point]
             swap_in_quantized_(model, names, "int4", GROUP_SIZE, zero_point)
+        if "tok_embeddings" in int8_layers:
+            swap_in_embedding_(model, "int8", GROUP_SIZE, tied=config.tie_embeddings)
+        linears = [name for name in int8_layers if name != "tok_embeddings"]
+        swap_in_quantized_(model, linears, "int8", GROUP_SIZE)
     return model
 
 
 def _state_dict(
     tensors: dict, config: ModelConfig, path: Path, keep_quantized: bool
-) -> tuple[dict[str, Tensor], dict[str, str]]:
+) -> tuple[dict[str, Tensor], dict[str, str], list[str]]:
     """Every tensor renamed, checked against the model's shapes, dequantized (or kept as int4
-    codes), q/k unpermuted; and the int4 layers' zero points by module name."""
+    or int8 codes), q/k unpermuted; the int4 layers' zero points by module name; the int8
+    modules' names."""
     with empty_init():  # shapes and names only, no memory
         expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
     _check_rope_freqs(tensors, path)
-    state, int4_layers, loaded = {}, {}, set()
+    state, int4_layers, int8_layers, loaded = {}, {}, [], set()
     for gguf_name, tensor in tensors.items():
         if gguf_name == "rope_freqs.weight":
             continue
@@ -317,36 +337,50 @@ def _state_dict(
         if name is None or name not in expected:
             raise LmscaleError(f"{path}: unexpected tensor '{gguf_name}'")
         label = f"{path}: tensor '{gguf_name}'"
-        entries, zero_point = _load_tensor(tensor, name, expected[name], config, label,
-                                           keep_quantized)  # fmt: skip
+        entries, layout = _load_tensor(tensor, name, expected[name], config, label,
+                                       keep_quantized)  # fmt: skip
         state |= entries
-        if zero_point is not None:
-            int4_layers[name.removesuffix(".weight")] = zero_point
+        module = name.removesuffix(".weight")
+        if layout == "int8":
+            int8_layers.append(module)
+        elif layout is not None:
+            int4_layers[module] = layout
         loaded.add(name)
     if config.tie_embeddings and "tok_embeddings.weight" in state:
         state["output.weight"] = state["tok_embeddings.weight"]
         loaded.add("output.weight")
+    elif config.tie_embeddings and "tok_embeddings" in int8_layers:  # the head is the table
+        state |= {f"output.{key}": state[f"tok_embeddings.table.{key}"] for key in _INT8_BUFFERS}
+        loaded.add("output.weight")
     missing = [name for name in expected if name not in loaded]
     if missing:
         raise LmscaleError(f"{path}: missing tensors for {', '.join(missing[:3])}")
-    return state, int4_layers
+    return state, int4_layers, int8_layers
+
+
+_INT8_BUFFERS = ("qweight", "scales")
 
 
 def _load_tensor(
     tensor, name: str, shape: tuple[int, ...], config: ModelConfig, label: str, keep_quantized: bool
 ) -> tuple[dict[str, Tensor], str | None]:
-    """One tensor's state dict entries: its float weight (and None), or, kept as int4, its
-    layer's `QuantizedLinear` buffers (and the layer's zero point)."""
+    """One tensor's state dict entries and layout: its float weight (and None), or, kept
+    quantized, its module's buffers (and the int4 layer's zero point, or "int8")."""
     type_name = tensor.tensor_type.name
-    linear = len(shape) == 2 and name != "tok_embeddings.weight"  # the other 2-D weights
-    if not (keep_quantized and linear and type_name in ZERO_POINTS):
+    table = name == "tok_embeddings.weight"
+    linear = len(shape) == 2 and not table  # the other 2-D weights
+    if keep_quantized and (linear or table) and type_name in INT8_TYPES:
+        buffers, layout = int8_buffers(tensor.data, shape, label), "int8"
+    elif keep_quantized and linear and type_name in ZERO_POINTS:
+        buffers = int4_buffers(tensor.data, type_name, shape, label)
+        layout = ZERO_POINTS[type_name]
+    else:
         weight = dequantize(tensor.data, type_name, shape, label)
         return {name: _rope_rows(weight, name, config)}, None
-    module = name.removesuffix(".weight")
-    buffers = int4_buffers(tensor.data, type_name, shape, label)
+    module = "tok_embeddings.table" if table else name.removesuffix(".weight")
     # NOTE: each buffer has one row per output feature, so q/k rows unpermute as the weight's
     entries = {f"{module}.{key}": _rope_rows(rows, name, config) for key, rows in buffers.items()}
-    return entries, ZERO_POINTS[type_name]
+    return entries, layout
 
 
 def _rope_rows(rows: Tensor, name: str, config: ModelConfig) -> Tensor:
@@ -381,7 +415,9 @@ def _check_rope_freqs(tensors: dict, path: Path) -> None:
         raise LmscaleError(f"{path}: RoPE frequency scaling (rope_freqs) is not supported")
 
 
-def _assemble(config, state, int4_layers, tokenizer: GGUFTokenizer, meta: dict) -> GGUFModel:
+def _assemble(
+    config, state, int4_layers, int8_layers, tokenizer: GGUFTokenizer, meta: dict
+) -> GGUFModel:
     general = {k: v for k, v in meta.items() if k.startswith("general.") and isinstance(v, str)}
     return GGUFModel(
         config=config,
@@ -394,4 +430,5 @@ def _assemble(config, state, int4_layers, tokenizer: GGUFTokenizer, meta: dict) 
         chat_template=tokenizer.chat_template,
         metadata=general,
         int4_layers=int4_layers,
+        int8_layers=int8_layers,
     )

@@ -1,13 +1,14 @@
-"""llama.cpp's 4-bit blocks as the buffers of lmscale's int4 `QuantizedLinear`, bit for bit.
+"""llama.cpp's 4- and 8-bit blocks as the buffers of lmscale's `QuantizedLinear`, bit for bit.
 
-Three GGUF types are the int4 layouts of `lmscale.model.quantized` (group 32) in other bytes:
+Four GGUF types are layouts of `lmscale.model.quantized` (group 32) in other bytes:
 
-    type  block                                         value            int4 layout (group 32)
+    type  block                                         value            lmscale layout (group 32)
     Q4_0  32 values: fp16 d, 16 B codes                 d * (q - 8)      zero point 8, scale d
     Q4_1  32 values: fp16 d, fp16 m, 16 B codes         d * q + m        float: scale d, min m
     Q4_K  256 values = 8 groups of 32: fp16 d,          d*sc_i * q       float: scale d*sc_i,
           fp16 dmin, 12 B of 6-bit sc_i and m_i,          - dmin*m_i            min -dmin*m_i
           128 B codes
+    Q8_0  32 values: fp16 d, 32 int8 codes              d * q            grouped int8: scale d
 
 Where the codes sit (llama.cpp's ggml-common.h):
 
@@ -39,7 +40,10 @@ GROUP_SIZE = 32
 ZERO_POINTS = {"Q4_0": "int", "Q4_1": "float", "Q4_K": "float"}
 """The GGUF types that load as int4 layers, and the `QuantizedLinear` zero point each needs."""
 
-_BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144)}
+INT8_TYPES = ("Q8_0",)
+"""The GGUF types that load as grouped int8 layers."""
+
+_BLOCK = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q8_0": (32, 34)}
 """(values, bytes) of one block."""
 
 
@@ -66,6 +70,20 @@ def int4_buffers(
     else:
         buffers["mins"] = torch.from_numpy(mins)
     return buffers
+
+
+def int8_buffers(data: np.ndarray, shape: tuple[int, int], label: str) -> dict[str, Tensor]:
+    """A Q8_0 tensor's blocks as the buffers of a grouped int8 `QuantizedLinear` (group 32).
+
+    Args:
+        data, shape, label: as for `int4_buffers`.
+
+    Returns:
+        {"qweight": int8 (out, in), "scales": float32 (out, in/32)} (the fp16 d, exactly).
+    """
+    blocks = _blocks(data, "Q8_0", shape, label)
+    codes = np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(shape[0], -1)
+    return {"qweight": torch.from_numpy(codes), "scales": torch.from_numpy(_float16(blocks, 0))}
 
 
 def _blocks(data: np.ndarray, type_name: str, shape: tuple[int, int], label: str) -> np.ndarray:

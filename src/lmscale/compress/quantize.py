@@ -79,6 +79,9 @@ class QuantConfig:
             raise LmscaleError(f"unknown --zero-point '{self.zero_point}' (choose from int, float)")
         if self.zero_point == "float" and "int4" not in (self.method, self.embeddings):
             raise LmscaleError("--zero-point float applies to int4 only (int8 is symmetric)")
+        if self.method != "int4" and self.group_size is not None:
+            # NOTE: grouped int8 is a layout a GGUF's Q8_0 loads into, not a quantizer of ours
+            raise LmscaleError("a group size applies to int4 only (int8 is per output channel)")
         check_layout(self.method, self.group_size, zero_point=self.layer_zero_point)
         if self.embeddings != "float" and self.embeddings not in EMBEDDING_METHODS:
             raise LmscaleError(
@@ -308,6 +311,12 @@ def quantization_of(model: nn.Module) -> dict | None:
     if not found and table is None:
         return None
     first = found[0][1] if found else table
+    layouts = {(m.method, m.group_size, m.zero_point) for _, m in found}
+    if len(layouts) > 1:  # e.g. a GGUF kept quantized with Q4_K and Q8_0 layers
+        raise LmscaleError(
+            f"the model's layers mix quantized layouts {sorted(layouts, key=str)}: one "
+            "quantization record (lmscale's saved format) holds a single layout"
+        )
     embeddings = None
     if table is not None:
         tied = getattr(model, "output", None) is table

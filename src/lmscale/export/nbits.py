@@ -55,9 +55,12 @@ def nbits_tensors(layer: QuantizedLinear) -> dict:
     q, scales, zeros = codes(layer)
     N, K = q.shape
     if layer.method != "int4":  # int8 and int8-dynamic share the weight layout
-        bits, block = 8, _block_size(K)
         q = (q.to(torch.int16) + 128).to(torch.uint8)
-        scales = scales[:, None].expand(N, K // block)
+        if scales.dim() == 2:  # grouped int8 (a GGUF's Q8_0): one scale per block already
+            bits, block = 8, K // scales.shape[1]
+        else:
+            bits, block = 8, _block_size(K)
+            scales = scales[:, None].expand(N, K // block)
         zeros = torch.full((N, K // block), 128, dtype=torch.uint8)
     else:
         bits, block = 4, K // scales.shape[1]

@@ -9,6 +9,8 @@ Layouts (`out` = out_features, `in` = in_features, `g` = group_size, `ng` = in/g
 
     int8  qweight int8  (out, in)        w = qweight * scales[:, None]           symmetric
           scales  float (out,)           one scale per output channel
+    int8, group_size g                   llama.cpp's Q8_0 (g = 32): one scale per group
+          scales  float (out, ng)        w = qweight * scales, per group of g input columns
     int8-dynamic                         the int8 layout; activations are quantized too (below)
     int4  qweight uint8 (out, in/2)      two 4-bit values per byte, low nibble first:
                                          byte j of a row holds columns 2j (low) and 2j+1 (high)
@@ -33,7 +35,14 @@ integers once, on first use (`_kernel_state`, rebuilt when the buffers, dtype or
 
 Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
 
-    int8          `torch._weight_int8pack_mm` on bfloat16 activations (its float32 path is
+    compiled, a few rows  inside a compiled CPU graph of at most `MATVEC_MAX_ROWS` rows (the
+                  decode step), int8 of both layouts runs as a product summed over the input
+                  (`lmscale.model.layout.matvec`'s form, in float32): inductor streams the int8
+                  codes at close to the memory bandwidth, where the bf16 kernel reads them at
+                  about half of it
+
+    int8          `torch._weight_int8pack_mm` on bfloat16 activations (per-channel scales;
+                  grouped int8 has no fast eager kernel and runs the reference) (its float32 path is
                   ~10x slower than a float32 matmul here; float16 has no fast CPU path either)
     int8-dynamic  each token (row of x) is quantized to int8 at run time (symmetric, its own
                   scale), then `torch._int_mm` (int8 x int8 -> int32) and one rescale. NOTE:
@@ -71,6 +80,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmscale.errors import LmscaleError
+from lmscale.model.layout import MATVEC_MAX_ROWS, realized
 
 METHODS = ("int8", "int8-dynamic", "int4")
 EMBEDDING_METHODS = ("int8", "int4")
@@ -128,9 +138,10 @@ class QuantizedLinear(nn.Module):
 
     Args:
         in_features, out_features, bias: as for `nn.Linear`.
-        method: "int8" (per output channel, symmetric), "int8-dynamic" (the same weights, int8
-            activations) or "int4" (group-wise, asymmetric).
-        group_size: input columns per int4 group (32, 64 or 128, dividing `in_features`).
+        method: "int8" (symmetric, per output channel or per group), "int8-dynamic" (per
+            channel, int8 activations) or "int4" (group-wise, asymmetric).
+        group_size: input columns per group (32, 64 or 128, dividing `in_features`): int4's,
+            or int8's grouped layout (Q8_0); None for per-channel int8.
         zero_point: int4 only: "int" (packed integer zeros) or "float" (float16 minimums).
 
     The buffers are allocated empty: `lmscale.compress.quantize` fills them from a float
@@ -150,7 +161,9 @@ class QuantizedLinear(nn.Module):
             self.register_buffer(
                 "qweight", torch.empty(out_features, in_features, dtype=torch.int8)
             )
-            self.register_buffer("scales", torch.empty(out_features))
+            scales_shape = (out_features,) if group_size is None else (
+                out_features, in_features // group_size)  # fmt: skip
+            self.register_buffer("scales", torch.empty(scales_shape))
         else:
             n_groups = in_features // group_size
             packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8)
@@ -175,7 +188,7 @@ class QuantizedLinear(nn.Module):
 
         Returns:
             q: int8 (out, in) for int8 layouts, uint8 (out, in) in 0..15 for int4;
-            scales: float32 (out,) for int8, (out, in/g) for int4;
+            scales: float32 (out,) for per-channel int8, (out, in/g) for groups;
             zeros: float32 (out, in/g) for int4 (integers in 0..15; for the float layout
                 -mins / scales, any real), None for int8 (symmetric).
         """
@@ -197,7 +210,8 @@ class QuantizedLinear(nn.Module):
 
         Args:
             q: (out, in) integer codes: -127..127 for int8 layouts, 0..15 for int4.
-            scales: (out,) for int8, (out, in/g) for int4; their dtype is the layer's.
+            scales: (out,) for per-channel int8, (out, in/g) for groups; their dtype is the
+                layer's.
             zeros: (out, in/g) zero points for int4: integer-valued in 0..15, or any real for
                 zero_point="float" (stored as mins = -zeros * scales), None for int8.
             method, group_size, zero_point: the layout.
@@ -233,7 +247,7 @@ class QuantizedLinear(nn.Module):
                 raise LmscaleError("int8 codes must lie in -128..127")
             layer.qweight = q.to(torch.int8)
         expected = (
-            (out_features,) if method != "int4" else (out_features, in_features // group_size)
+            (out_features,) if group_size is None else (out_features, in_features // group_size)
         )
         if tuple(scales.shape) != expected:
             raise LmscaleError(
@@ -254,6 +268,11 @@ class QuantizedLinear(nn.Module):
             return _RecomputedMatmul.apply(x, self)
         if not use_kernels or needs_grad or x.device.type != "cpu" or x.dtype not in _FLOATS:
             return self.reference(x)
+        rows = x.numel() // self.in_features
+        if self.method == "int8" and torch.compiler.is_compiling() and rows <= MATVEC_MAX_ROWS:
+            return self._int8_matvec(x)
+        if self.method == "int8" and self.group_size is not None:
+            return self.reference(x)  # no eager kernel for groups
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.method == "int8-dynamic":
@@ -273,9 +292,23 @@ class QuantizedLinear(nn.Module):
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def _int8_matvec(self, x: Tensor) -> Tensor:
+        """x W^T for a few rows, as products summed over the input in float32 (see the module
+        docstring: compiled only; eagerly this would materialise every product)."""
+        q, x = self.qweight.float(), realized(x)
+        if self.group_size is None:
+            y = (x.float()[..., None, :] * q).sum(-1) * self.scales.float()
+        else:
+            n_groups = self.in_features // self.group_size
+            grouped = x.float().reshape(*x.shape[:-1], 1, n_groups, self.group_size)
+            q = q.view(self.out_features, n_groups, self.group_size)
+            y = (grouped * q * self.scales.float()[..., None]).sum((-1, -2))
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
     def reference(self, x: Tensor) -> Tensor:
         """The plain PyTorch matmul these kernels must equal: dequantize, then `F.linear`."""
-        if self.method != "int4":
+        if self.method != "int4" and self.group_size is None:
             # (x @ q^T) * s equals x @ (q * s)^T up to rounding: the scale is per output column.
             y = F.linear(x, self.qweight.to(x.dtype)) * self.scales.to(x.dtype)
             return y if self.bias is None else y + self.bias.to(x.dtype)
@@ -284,6 +317,8 @@ class QuantizedLinear(nn.Module):
 
     def prepare_kernel(self) -> None:
         """Derive the kernel's packed form now (a compiled graph can only read it, see below)."""
+        if self.method == "int8" and self.group_size is not None:
+            return  # no kernel: grouped int8 runs the reference, or `_int8_matvec` compiled
         self._kernel_state(torch.float32 if self.method == "int8-dynamic" else _KERNEL_DTYPE)
 
     def _kernel_state(self, dtype: torch.dtype):
@@ -330,7 +365,7 @@ class QuantizedLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """The float weight (out, in) these integers stand for, in `dtype` (default: the scales')."""
         dtype = dtype or self.scales.dtype
-        if self.method != "int4":
+        if self.method != "int4" and self.group_size is None:
             return self.qweight.to(dtype) * self.scales.to(dtype)[:, None]
         return self.dequantize_rows(None, dtype)
 
@@ -345,9 +380,12 @@ class QuantizedLinear(nn.Module):
             qweight, scales = self.qweight[rows.reshape(-1)], self.scales[rows.reshape(-1)]
             offsets = None if offsets is None else offsets[rows.reshape(-1)]
         lead = (self.out_features,) if rows is None else tuple(rows.shape)
-        if self.method != "int4":
+        if self.method != "int4" and self.group_size is None:
             return (qweight.to(dtype) * scales.to(dtype)[:, None]).view(*lead, self.in_features)
         n_groups = scales.shape[1]
+        if self.method != "int4":  # grouped int8
+            q = qweight.view(-1, n_groups, self.group_size).to(dtype)
+            return (q * scales.to(dtype)[..., None]).view(*lead, self.in_features)
         q = unpack_int4(qweight).view(-1, n_groups, self.group_size).to(dtype)  # (rows, ng, g)
         if self.zero_point == "float":
             w = q * scales.to(dtype)[..., None] + offsets.to(dtype)[..., None]
@@ -357,7 +395,7 @@ class QuantizedLinear(nn.Module):
         return w.view(*lead, self.in_features)
 
     def extra_repr(self) -> str:
-        group = f", group_size={self.group_size}" if self.method == "int4" else ""
+        group = f", group_size={self.group_size}" if self.group_size is not None else ""
         if self.zero_point == "float":
             group += ", zero_point=float"
         return (
@@ -378,7 +416,8 @@ class QuantizedEmbedding(nn.Module):
 
     Args:
         num_embeddings, embedding_dim: as for `nn.Embedding`.
-        method: "int8" or "int4"; group_size, zero_point: int4 only.
+        method: "int8" or "int4"; group_size: int4's, or grouped int8's (None: per row);
+            zero_point: int4 only.
     """
 
     def __init__(
@@ -434,11 +473,12 @@ def check_layout(
     if method != "int4":
         if zero_point != "int":
             raise LmscaleError("a float zero point applies to int4 only (int8 is symmetric)")
-        if group_size is not None:
-            raise LmscaleError("a group size applies to int4 only (int8 is per output channel)")
-        return
+        if group_size is None:
+            return
+        if method != "int8":
+            raise LmscaleError("a group size applies to int4 and int8 only")
     if group_size not in GROUP_SIZES:
-        raise LmscaleError(f"int4 group size must be 32, 64 or 128, got {group_size}")
+        raise LmscaleError(f"{method} group size must be 32, 64 or 128, got {group_size}")
     if in_features is not None and in_features % group_size:
         raise LmscaleError(
             f"int4 group size {group_size} does not divide the input width {in_features} of {where}"
