@@ -1,11 +1,16 @@
-"""int4 decode of the bundled SmolLM2 Q4_1 file kept quantized: compiled step vs eager, same run.
+"""int4 decode of the bundled SmolLM2 GGUF kept quantized: lmscale compiled and eager vs llama.cpp.
 
-The file is loaded with `keep_quantized=True` (int4 layers in the float-zero layout, the
-embedding table and tied output projection in float32); greedy generation of 1 token (the
-prefill) and of `--new-tokens` tokens after a `--prompt-tokens` prompt, alternating the two
-sides over `--repeats` rounds; decode tok/s = (new - 1) / (t_all - t_first), medians.
+The file is loaded with `keep_quantized=True`: its Q4_1 layers as int4 (float zero point) and
+its Q8_0 token table, which is also the tied output projection, as grouped int8 (exactly the
+file's codes, as llama.cpp reads them). llama.cpp runs the same file through llama-cpp-python
+(a benchmark-only dependency: `pip install llama-cpp-python` builds it, ~10 minutes here) with
+the same thread count; it is skipped with a line when not installed.
 
-    python bench/int4_decode.py --threads 2 --repeats 3
+Greedy generation of 1 token (the prefill) and of `--new-tokens` tokens after a
+`--prompt-tokens` prompt, the sides alternating over `--repeats` rounds (round 0 warms up and
+compiles); decode tok/s = (new - 1) / (t_all - t_first), medians; the ratios are to llama.cpp.
+
+    python bench/int4_decode.py --threads 2 --repeats 5
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import torch
+from compress import llama_cpp_runner
 
 from lmscale.checkpoint import load_pretrained
 from lmscale.engine import SamplingParams, generate_ids
@@ -32,26 +38,46 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_pretrained("smollm2-135m-instruct", keep_quantized=True)
+    model.eval()
     prompt = tokenizer.encode(TEXT * 50, add_bos=False)[: args.prompt_tokens]
-    sides = {"compiled": DecodeStep(model.eval(), verbose=True), "eager": None}
+    step = DecodeStep(model, verbose=True)
+
+    def lmscale(step):
+        def run(tokens: list[int], n: int) -> list[int]:
+            params = SamplingParams(temperature=0, max_new_tokens=n)
+            return list(generate_ids(model, tokens, params, step=step))
+
+        return run
+
+    sides = {"lmscale compiled": lmscale(step), "lmscale eager": lmscale(None)}
+    llama = llama_cpp_runner(args.threads)
+    if llama is not None:
+        sides["llama.cpp"] = llama
     times = {side: {"first": [], "all": []} for side in sides}
     outputs = {}
-    for round_ in range(args.repeats + 1):  # round 0 warms up (and compiles)
-        for side, step in sides.items():
+    for round_ in range(args.repeats + 1):
+        for side, run in sides.items():
             for kind, n in (("first", 1), ("all", args.new_tokens)):
-                params = SamplingParams(temperature=0, max_new_tokens=n)
                 start = time.perf_counter()
-                outputs[side] = list(generate_ids(model, prompt, params, step=step))
+                outputs[side] = run(prompt, n)
                 if round_:
                     times[side][kind].append(time.perf_counter() - start)
-    same = outputs["compiled"] == outputs["eager"]
-    print(f"torch {torch.__version__}, {args.threads} threads; greedy tokens equal: {same}")
-    print("| side | prefill tok/s | decode tok/s |")
-    print("|---|---:|---:|")
+    reference = outputs["lmscale eager"]
+    print(f"\ntorch {torch.__version__}, {args.threads} threads, prompt {len(prompt)} tokens, "
+          f"{args.new_tokens} new, medians of {args.repeats} rounds")  # fmt: skip
+    for side, tokens in outputs.items():
+        same = sum(a == b for a, b in zip(tokens, reference, strict=False))
+        print(f"{side}: first {same} of {len(reference)} greedy tokens equal lmscale eager's")
+    speeds = {}
     for side, t in times.items():
         first, full = statistics.median(t["first"]), statistics.median(t["all"])
-        decode = (args.new_tokens - 1) / (full - first)
-        print(f"| {side} | {len(prompt) / first:.0f} | {decode:.1f} |")
+        speeds[side] = (len(prompt) / first, (args.new_tokens - 1) / (full - first))
+    base = speeds.get("llama.cpp")
+    print("\n| side | prefill tok/s | decode tok/s | prefill x llama.cpp | decode x llama.cpp |")
+    print("|---|---:|---:|---:|---:|")
+    for side, (prefill, decode) in speeds.items():
+        ratios = f"{prefill / base[0]:.2f}x | {decode / base[1]:.2f}x" if base else "- | -"
+        print(f"| {side} | {prefill:.0f} | {decode:.1f} | {ratios} |")
 
 
 if __name__ == "__main__":
