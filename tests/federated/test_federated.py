@@ -1,7 +1,10 @@
 """Federated runs on Flower's Simulation Engine (real Ray actors), on the tiny model."""
 
 import json
+import logging
 import math
+import os
+import sys
 
 import numpy as np
 import pytest
@@ -29,6 +32,26 @@ from lmscale.federated.site import encode, starting_model  # noqa: E402
 from lmscale.train.loss import lm_loss_sum  # noqa: E402
 
 ROUND_TRIP = 3  # rounds of the runs below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_ray_for_the_module():
+    """One local Ray for the module's eight simulations, started as `run_simulated` asks.
+
+    Flower's Ray backend joins a Ray that is already running, and at the end of each run kills
+    its actors (so every run still starts fresh ones) and shuts Ray down; keeping Ray up
+    between runs saves its start and stop, seconds a run on a small machine.
+    """
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=os.cpu_count() or 1, include_dashboard=False, logging_level=logging.ERROR,
+        log_to_driver=True, runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(sys.path)}},
+    )  # fmt: skip
+    shutdown = ray.shutdown
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ray, "shutdown", lambda *args, **kwargs: None)
+        yield
+    shutdown()
 
 
 def config(model, data, **kw) -> FederateConfig:

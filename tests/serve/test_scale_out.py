@@ -123,24 +123,36 @@ def stream_completion(url: str, prompt: str, max_tokens: int) -> dict:
     return {"status": 200, "done": done, "errors": errors, "finish": [f for f in finish if f]}
 
 
-def test_two_fixed_replicas_both_receive_traffic(ray_serve, tiny_dir):
+@pytest.fixture(scope="module")
+def two_replicas(ray_serve, tiny_dir):
+    """Two fixed replicas routed by power of two choices, deployed once for the two tests that
+    use them (the fault test, which kills one, runs second); yields the application's URL.
+
+    NOTE: they hold 2 of the module's 4 Ray CPUs until the module ends, which leaves room for
+    each later application of 2 replicas (one at a time).
+    """
     scale = ScaleOptions(replicas=2, threads=1, routing="power-of-two")
     with deployed(ray_serve, "fixed", str(tiny_dir), scale) as url:
-        wait_for(lambda: metrics(url).get("lmscale_replicas") == 2, 30, "two replicas reporting")
-        prompts = [f"Question {i}: what is {i} + {i}?" for i in range(24)]
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            answers = list(pool.map(lambda p: complete(url, p, 24), prompts))
-        assert all(a.status_code == 200 for a in answers)
-        assert all(a.json()["usage"]["completion_tokens"] == 24 for a in answers)
-        tokens = wait_for(
-            lambda: (t := replica_tokens(url)) and sum(t.values()) >= 24 * 24 and t, 10,
-            "the replicas' reports of the tokens",
-        )  # fmt: skip
-        assert len(tokens) == 2 and min(tokens.values()) > 0, tokens
-        totals = metrics(url)
-        assert totals["lmscale_kv_blocks_total"] == 2 * min(
-            v for k, v in totals.items() if k.startswith("lmscale_replica_kv_blocks_total")
-        )  # summed over the replicas
+        yield url
+
+
+def test_two_fixed_replicas_both_receive_traffic(two_replicas):
+    url = two_replicas
+    wait_for(lambda: metrics(url).get("lmscale_replicas") == 2, 30, "two replicas reporting")
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(24)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda p: complete(url, p, 24), prompts))
+    assert all(a.status_code == 200 for a in answers)
+    assert all(a.json()["usage"]["completion_tokens"] == 24 for a in answers)
+    tokens = wait_for(
+        lambda: (t := replica_tokens(url)) and sum(t.values()) >= 24 * 24 and t, 10,
+        "the replicas' reports of the tokens",
+    )  # fmt: skip
+    assert len(tokens) == 2 and min(tokens.values()) > 0, tokens
+    totals = metrics(url)
+    assert totals["lmscale_kv_blocks_total"] == 2 * min(
+        v for k, v in totals.items() if k.startswith("lmscale_replica_kv_blocks_total")
+    )  # summed over the replicas
 
 
 def test_prefix_routing_keeps_a_conversation_on_one_replica(ray_serve, tiny_dir):
@@ -207,39 +219,38 @@ def engine_pids(app: str) -> list[int]:
     return [p.pid for p in psutil.process_iter(["cmdline"]) if title in " ".join(p.info["cmdline"] or [])]  # fmt: skip
 
 
-def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(ray_serve, tiny_dir):
-    scale = ScaleOptions(replicas=2, threads=1, routing="power-of-two")
-    with deployed(ray_serve, "faults", str(tiny_dir), scale) as url:
-        wait_for(lambda: len(engine_pids("faults")) == 2, 30, "two replica processes")
-        stop, results = threading.Event(), []
+def test_a_replica_killed_under_load_fails_only_its_requests_and_comes_back(two_replicas):
+    url = two_replicas
+    wait_for(lambda: len(engine_pids("fixed")) == 2, 30, "two replica processes")
+    stop, results = threading.Event(), []
 
-        def client(i: int):
-            while not stop.is_set():
-                results.append(stream_completion(url, f"Client {i} says", 200))
+    def client(i: int):
+        while not stop.is_set():
+            results.append(stream_completion(url, f"Client {i} says", 200))
 
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            futures = [pool.submit(client, i) for i in range(8)]
-            wait_for(lambda: len(results) >= 8, 60, "load on both replicas")
-            victim = engine_pids("faults")[0]
-            os.kill(victim, signal.SIGKILL)
-            time.sleep(3)
-            stop.set()
-            for f in futures:
-                f.result(timeout=90)  # no client hangs
-        complete_ = [r for r in results if r["status"] == 200 and r["done"]]
-        failed = [r for r in results if r not in complete_]
-        assert 0 < len(failed) < len(complete_)  # the victim's streams, and only those
-        for r in complete_:
-            assert not r["errors"] and r["finish"] in (["length"], ["stop"])  # none cut short
-        for r in failed:
-            if r["status"] == 200:  # failed mid-stream: an error event, and no [DONE]
-                assert r["errors"] and not r["done"], r
-            else:  # refused before the first byte: a retriable 503 in OpenAI's shape
-                assert r["status"] == 503 and r["retry_after"] and r["body"]["error"]["message"]
-        wait_for(lambda: running_replicas("faults") == 2 and victim not in engine_pids("faults")
-                 and len(engine_pids("faults")) == 2, 90, "Ray to replace the replica")  # fmt: skip
-        answers = [complete(url, f"After {i}") for i in range(6)]
-        assert all(a.status_code == 200 for a in answers)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(client, i) for i in range(8)]
+        wait_for(lambda: len(results) >= 8, 60, "load on both replicas")
+        victim = engine_pids("fixed")[0]
+        os.kill(victim, signal.SIGKILL)
+        time.sleep(3)
+        stop.set()
+        for f in futures:
+            f.result(timeout=90)  # no client hangs
+    complete_ = [r for r in results if r["status"] == 200 and r["done"]]
+    failed = [r for r in results if r not in complete_]
+    assert 0 < len(failed) < len(complete_)  # the victim's streams, and only those
+    for r in complete_:
+        assert not r["errors"] and r["finish"] in (["length"], ["stop"])  # none cut short
+    for r in failed:
+        if r["status"] == 200:  # failed mid-stream: an error event, and no [DONE]
+            assert r["errors"] and not r["done"], r
+        else:  # refused before the first byte: a retriable 503 in OpenAI's shape
+            assert r["status"] == 503 and r["retry_after"] and r["body"]["error"]["message"]
+    wait_for(lambda: running_replicas("fixed") == 2 and victim not in engine_pids("fixed")
+             and len(engine_pids("fixed")) == 2, 90, "Ray to replace the replica")  # fmt: skip
+    answers = [complete(url, f"After {i}") for i in range(6)]
+    assert all(a.status_code == 200 for a in answers)
 
 
 # The official client's conformance tests, through two replicas of the bundled model.
