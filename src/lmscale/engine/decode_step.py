@@ -133,26 +133,36 @@ class DecodeStep:
         self.verbose = verbose
         self.cache_dir = use_compile_cache()
         self._cuda = self.device.type == "cuda"
-        self._compiled = None  # NOTE: made on first use: importing dynamo takes seconds
+        self._graphs: dict[bool, object] = {}  # batch 1 or not -> compiled `_forward` (see there)
         self._ready: set[tuple] = set()
         self.compile_seconds: dict[tuple, float] = {}
         """Seconds each graph family took to compile (or to load from the on-disk cache)."""
 
-    def _compile(self):
-        """The compiled `_forward` (made once, under the lock)."""
-        if self._compiled is None:
+    def _batch_one(self, family: tuple) -> bool:
+        """Whether `family` is the CPU batch-1 graph, the one `generate` and `chat` run."""
+        return family[0] == 1 and not self._cuda
+
+    def _compiled(self, family: tuple):
+        """The compiled `_forward` for `family` (made on first use, under the lock).
+
+        NOTE: dynamo is imported here, not at construction: that takes seconds. The CPU batch-1
+        graph is compiled with inductor's C++ wrapper, which calls its ~300 kernels without a
+        Python line each: batch-1 float32 decode of SmolLM2 +24%, int4 +18% (2 cores). The
+        batched graphs are not: at 32 rows in process the C++ wrapper (with the guards
+        skipped, below) ran 139 tok/s against 162 without.
+        """
+        one = self._batch_one(family)
+        if one not in self._graphs:
             # NOTE: every model (and dtype) a process decodes adds up to four graphs of the one
             # `_forward`; past dynamo's default of 8 it would silently fall back to eager.
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            # NOTE: on a CPU, inductor's C++ wrapper calls the graph's ~300 kernels without a
-            # Python line each: +24% float32 and +18% int4 batch-1 decode on SmolLM2 (2 cores)
             mode = "reduce-overhead" if self._cuda else None
-            options = None if self._cuda else {"cpp_wrapper": True}
-            self._compiled = torch.compile(
+            options = {"cpp_wrapper": True} if one else None
+            self._graphs[one] = torch.compile(
                 self._forward, mode=mode, options=options, fullgraph=True, dynamic=False
             )  # fmt: skip
-        return self._compiled
+        return self._graphs[one]
 
     def family(self, n_rows: int, contiguous: bool) -> tuple:
         """The graph that serves a batch of `n_rows` (see the class docstring)."""
@@ -196,21 +206,23 @@ class DecodeStep:
         if not contiguous and inputs[2].shape[1] == 1:  # NOTE: width 1 would be another graph
             inputs = (inputs[0], inputs[1], inputs[2].expand(-1, 2).contiguous(), inputs[3])
         self._mark_dynamic(inputs, k_pools, v_pools, contiguous)
+        if family in self._ready and self._batch_one(family):
+            return self._run_batch_one(inputs, k_pools, v_pools, contiguous)[:n]
         if family in self._ready:
-            return self._run_compiled(inputs, k_pools, v_pools, contiguous)[:n]
+            return self._compiled(family)(*inputs, k_pools, v_pools, contiguous)[:n]
         with _COMPILING:  # one compilation at a time (a warm-up thread may be compiling)
             start = time.perf_counter()
             if self.verbose:
                 print(f"compiling the decode step for {n} rows ...", file=sys.stderr, flush=True)
-            logits = self._compile()(*inputs, k_pools, v_pools, contiguous)[:n]
+            logits = self._compiled(family)(*inputs, k_pools, v_pools, contiguous)[:n]
             self.compile_seconds[family] = seconds = time.perf_counter() - start
             self._ready.add(family)
         if self.verbose:
             print(f"compiled the decode step in {seconds:.1f} s", file=sys.stderr, flush=True)
         return logits
 
-    def _run_compiled(self, inputs, k_pools, v_pools, contiguous: bool) -> Tensor:
-        """A compiled graph's logits, with dynamo's guards skipped when that is safe.
+    def _run_batch_one(self, inputs, k_pools, v_pools, contiguous: bool) -> Tensor:
+        """The batch-1 graph's logits, with dynamo's guards skipped when that is safe.
 
         Checking the guards (every layer's tensors and attributes) took ~1.4 ms of a ~10 ms
         int4 step. Once this family's graph exists the guards only choose among compiled
@@ -220,16 +232,17 @@ class DecodeStep:
         differentiating guards pass (dynamo would recompile: e.g. a pool size it first saw
         as static), dynamo raises instead, and the step runs again with every guard.
         """
+        graph = self._compiled((1, contiguous))
         if not _COMPILING.acquire(blocking=False):
-            return self._compiled(*inputs, k_pools, v_pools, contiguous)
+            return graph(*inputs, k_pools, v_pools, contiguous)
         try:
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(*inputs, k_pools, v_pools, contiguous)
+                    return graph(*inputs, k_pools, v_pools, contiguous)
             except RuntimeError as error:
                 if "skip_guard_eval_unsafe" not in str(error):
                     raise
-            return self._compiled(*inputs, k_pools, v_pools, contiguous)  # may recompile
+            return graph(*inputs, k_pools, v_pools, contiguous)  # may recompile
         finally:
             _COMPILING.release()
 
