@@ -143,7 +143,8 @@ def test_keep_quantized_bundled_file_is_the_float_load_in_int4_and_int8(ours, mo
     tokens = torch.tensor([[1, 504, 3458, 314, 4649, 314]])
     monkeypatch.setattr(quantized, "use_kernels", False)  # the reference path: same weights
     with torch.no_grad():
-        assert torch.equal(kept(tokens), model(tokens))
+        # the same weights; the table's reference sums per group of 32 (float32 rounding only)
+        torch.testing.assert_close(kept(tokens), model(tokens), rtol=1e-5, atol=1e-4)
 
 
 def test_tokenizer_encodes_hamlet_like_transformers(ours, reference):

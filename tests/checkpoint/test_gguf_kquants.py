@@ -166,7 +166,9 @@ def test_keep_quantized_mixed_file_holds_the_same_weights_as_int4(mixed, monkeyp
         error = (model(TOKENS) - expected).abs().max() / expected.abs().max()
         assert 0 < error < 0.01  # the bfloat16 kernels ran: the int4 layers' kernel tolerance
         monkeypatch.setattr(quantized, "use_kernels", False)
-        assert torch.equal(model(TOKENS), expected)  # the reference path: the same weights
+        # the reference path: the same weights (the Q8_0 layer's sums per group of 32 round
+        # differently in float32)
+        torch.testing.assert_close(model(TOKENS), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("type_name, zero_point", [("Q4_0", "int"), ("Q4_1", "float")])

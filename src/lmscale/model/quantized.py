@@ -41,9 +41,9 @@ Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
                   codes at close to the memory bandwidth, where the bf16 kernel reads them at
                   about half of it
 
-    int8          `torch._weight_int8pack_mm` on bfloat16 activations (per-channel scales;
-                  grouped int8 has no fast eager kernel and runs the reference) (its float32 path is
-                  ~10x slower than a float32 matmul here; float16 has no fast CPU path either)
+    int8          per-channel: `torch._weight_int8pack_mm` on bfloat16 activations (its float32
+                  path is ~10x slower than a float32 matmul here; float16 has no fast CPU path
+                  either); grouped: no eager kernel, the reference (a block of rows at a time)
     int8-dynamic  each token (row of x) is quantized to int8 at run time (symmetric, its own
                   scale), then `torch._int_mm` (int8 x int8 -> int32) and one rescale. NOTE:
                   fbgemm's `quantized::linear_dynamic` was tried first: it uses ONE scale for
