@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ORDER = [
-    "model", "tokenizer", "data", "checkpoint", "parallel", "train", "compress", "export",
+    "kernels", "model", "tokenizer", "data", "checkpoint", "parallel", "train", "compress", "export",
     "finetune", "federated", "engine", "serve", "plan", "report", "cli",
 ]  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmscale"

@@ -44,9 +44,18 @@ def quantized_layer(
 
 
 # Largest kernel error allowed, as a fraction of the largest reference output: the weight-only
-# kernels round activations and scales to bfloat16 (~0.4%), int8-dynamic rounds activations to
+# kernels round activations and scales to bfloat16 (~0.4%), or (lmscale's own, a few rows, on
+# an AVX-512 VNNI CPU) activations to 8 bits per 32 columns; int8-dynamic rounds activations to
 # 8 bits per token. A wrong layout (nibble order, zero-point convention, padding) is ~100% off.
-TOLERANCE = {"int8": 0.01, "int8-dynamic": 0.03, "int4": 0.01}
+TOLERANCE = {"int8": 0.02, "int8-dynamic": 0.03, "int4": 0.02}
+
+
+@pytest.fixture
+def no_native_kernels(monkeypatch):
+    """As on a machine where lmscale's own kernels could not be built."""
+    from lmscale import kernels
+
+    monkeypatch.setattr(kernels, "_state", {"ok": False, "reason": "a test"})
 
 
 @pytest.mark.parametrize(
@@ -64,7 +73,7 @@ def test_the_kernel_equals_the_dequantized_reference(method, group_size, zero_po
     assert y.shape == (*shape[:-1], 40) and y.dtype == dtype
     error = (y.double() - expected).abs().max() / expected.abs().max()
     assert error < TOLERANCE[method] * (2 if dtype == torch.bfloat16 else 1)
-    assert layer._kernel is not None  # the kernel ran (CPU), not the reference
+    assert layer._kernel  # a kernel ran (CPU), not the reference
 
 
 def test_the_kernel_follows_the_layer_to_another_dtype_and_new_buffers():
@@ -129,7 +138,7 @@ def grouped_int8_layer(out_features=40, in_features=256, group_size=32, seed=0):
     return QuantizedLinear.from_codes(q, scales.float(), None, "int8", group_size, bias)
 
 
-def test_grouped_int8_holds_one_scale_per_group_and_runs_the_reference_eagerly():
+def test_grouped_int8_holds_one_scale_per_group_and_equals_the_reference(float_activations):
     layer = grouped_int8_layer()
     q, scales, zeros = layer.codes()
     assert q.dtype == torch.int8 and zeros is None and scales.shape == (40, 8)
@@ -137,7 +146,7 @@ def test_grouped_int8_holds_one_scale_per_group_and_runs_the_reference_eagerly()
     assert torch.equal(layer.dequantize(), expected)
     rows = torch.tensor([[3, 0], [39, 3]])
     assert torch.equal(layer.dequantize_rows(rows, torch.float32), expected[rows])
-    for shape in ((3, 5, 256), (2, 256)):  # more rows than _FEW_ROWS, and a few
+    for shape in ((3, 5, 256), (2, 256)):  # the reference, in blocks; lmscale's kernel
         x = torch.randn(shape)
         torch.testing.assert_close(
             layer(x), nn.functional.linear(x, expected, layer.bias), rtol=1e-5, atol=1e-5
@@ -154,10 +163,10 @@ def test_grouped_int8_holds_one_scale_per_group_and_runs_the_reference_eagerly()
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_compiled_int8_of_a_few_rows_sums_in_float32(rows):
-    """In a compiled graph of a few rows (the decode step), both int8 layouts run as a float32
-    product-sum fed by a realised input: float32 rounding from the reference, where the eager
-    kernel's bfloat16 activations are ~0.1% off."""
+def test_compiled_int8_of_a_few_rows_sums_in_float32(rows, no_native_kernels):
+    """Without lmscale's own kernels, in a compiled graph of a few rows (the decode step), both
+    int8 layouts run as a float32 product-sum fed by a realised input: float32 rounding from
+    the reference, where the eager kernel's bfloat16 activations are ~0.1% off."""
     per_channel, grouped = quantized_layer("int8", None), grouped_int8_layer()
     norm = torch.rand(256) + 0.5
 
@@ -296,7 +305,7 @@ def test_deepcopy_of_a_layer_that_ran_rebuilds_its_kernel():
     x = torch.randn(2, 256)
     y = layer(x)
     twin = copy.deepcopy(layer)
-    assert twin._kernel is None and torch.equal(twin(x), y)
+    assert not twin._kernel and torch.equal(twin(x), y)
 
 
 def test_the_decode_layout_leaves_quantized_layers_alone(tiny_dir):

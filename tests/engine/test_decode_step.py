@@ -103,7 +103,7 @@ def q8_0_table(embedding: torch.nn.Embedding) -> QuantizedEmbedding:
 
 
 def test_generate_with_the_compiled_step_equals_eager_on_int4_layers_and_a_q8_0_table(
-    tiny_tokenizer,
+    tiny_tokenizer, float_activations
 ):  # fmt: skip
     """The form of the bundled GGUF kept quantized: Q4_1 layers, a tied Q8_0 table."""
     model = tiny_model()

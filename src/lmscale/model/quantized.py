@@ -79,6 +79,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmscale import kernels
 from lmscale.errors import LmscaleError
 from lmscale.model.layout import MATVEC_MAX_ROWS, realized
 
@@ -175,11 +176,11 @@ class QuantizedLinear(nn.Module):
                 zeros = torch.empty(out_features, (n_groups + 1) // 2, dtype=torch.uint8)
                 self.register_buffer("zeros", zeros)
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
-        self._kernel: tuple | None = None  # (key, derived tensors): see `_kernel_state`
+        self._kernel: dict = {}  # form -> (key, derived tensors): see `_kernel_state`
 
     def __getstate__(self) -> dict:
-        """Pickling / deepcopy leave the derived kernel form out (rebuilt on first use)."""
-        return {**super().__getstate__(), "_kernel": None}
+        """Pickling / deepcopy leave the derived kernel forms out (rebuilt on first use)."""
+        return {**super().__getstate__(), "_kernel": {}}
 
     # --- codes -----------------------------------------------------------------------------
 
@@ -269,6 +270,8 @@ class QuantizedLinear(nn.Module):
         if not use_kernels or needs_grad or x.device.type != "cpu" or x.dtype not in _FLOATS:
             return self.reference(x)
         rows = x.numel() // self.in_features
+        if rows <= kernels.MAX_ROWS and self._native_ready():
+            return self._native_matvec(x)
         if self.method == "int8" and torch.compiler.is_compiling() and rows <= MATVEC_MAX_ROWS:
             return self._int8_matvec(x)
         if self.method == "int8" and self.group_size is not None:
@@ -290,6 +293,29 @@ class QuantizedLinear(nn.Module):
                 x2.to(_KERNEL_DTYPE).contiguous(), weight, self.group_size, scales_and_zeros
             )[:, : self.out_features]  # fmt: skip
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _native_ready(self) -> bool:
+        """Whether lmscale's own CPU matvec kernels (`lmscale.kernels`) take this layer.
+
+        Eagerly the first call builds them (once per machine); a compiled graph only asks
+        whether they are loaded (`prepare_kernel` loads them before compiling).
+        """
+        if self.method == "int8-dynamic" or self.in_features % 32:
+            return False
+        return kernels.loaded() if torch.compiler.is_compiling() else kernels.load()
+
+    def _native_matvec(self, x: Tensor) -> Tensor:
+        """x W^T for a few rows through `torch.ops.lmscale` (see `lmscale.kernels`)."""
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.method == "int4":
+            qweight, scales, mins = self._kernel_state("native")
+            y = torch.ops.lmscale.int4_matvec(x2, qweight, scales, mins, self.group_size)
+        else:
+            qweight, scales = self._kernel_state("native")
+            group = self.group_size or self.in_features
+            y = torch.ops.lmscale.int8_matvec(x2, qweight, scales, group)
+        y = y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _int8_matvec(self, x: Tensor) -> Tensor:
@@ -341,27 +367,49 @@ class QuantizedLinear(nn.Module):
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def prepare_kernel(self) -> None:
-        """Derive the kernel's packed form now (a compiled graph can only read it, see below)."""
+        """Derive the kernels' packed forms now (a compiled graph can only read them, see below)."""
+        if self.qweight.device.type != "cpu":
+            return
+        if self._native_ready():
+            self._kernel_state("native")
         if self.method == "int8" and self.group_size is not None:
-            return  # no kernel: grouped int8 runs the reference, or `_int8_matvec` compiled
+            return  # no other kernel: the reference, or `_int8_matvec` compiled
         self._kernel_state(torch.float32 if self.method == "int8-dynamic" else _KERNEL_DTYPE)
 
-    def _kernel_state(self, dtype: torch.dtype):
-        """The kernel's own packed form of the buffers, derived once and cached.
+    def _kernel_state(self, form: torch.dtype | str):
+        """A kernel's own form of the buffers, derived once and cached.
 
-        The cache key is the buffers' storage and the dtype, so `.to()`, loading new tensors
+        Args:
+            form: "native" (`lmscale.kernels`), or the activation dtype of a PyTorch kernel.
+
+        The cache key is the buffers' storage and dtype, so `.to()`, loading new tensors
         (`assign=True`) or a deepcopy all rebuild it rather than using a stale copy.
         NOTE: inside a compiled graph the key cannot be read (`data_ptr`): the state derived
         by `prepare_kernel` (or the last eager call) is used as it is.
         """
         if torch.compiler.is_compiling():
-            return self._kernel[1]
+            return self._kernel[form][1]
         offsets = getattr(self, "mins", None)
-        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype, dtype,
+        key = (self.qweight.data_ptr(), self.scales.data_ptr(), self.scales.dtype,
                None if offsets is None else offsets.data_ptr())  # fmt: skip
-        if self._kernel is None or self._kernel[0] != key:
-            self._kernel = (key, self._derive(dtype))
-        return self._kernel[1]
+        cached = self._kernel.get(form)
+        if cached is None or cached[0] != key:
+            derive = self._derive_native if form == "native" else self._derive
+            self._kernel[form] = cached = (key, derive(form))
+        return cached[1]
+
+    def _derive_native(self, form: str):
+        """`lmscale.kernels`' form: the stored codes as they are, float32 scales (and mins)."""
+        with torch.no_grad():
+            qweight = self.qweight.contiguous()
+            scales = self.scales.float().reshape(self.out_features, -1).contiguous()
+            if self.method != "int4":
+                return qweight, scales
+            if self.zero_point == "float":
+                return qweight, scales, self.mins.float().contiguous()
+            n_groups = self.in_features // self.group_size
+            zeros = unpack_int4(self.zeros)[:, :n_groups].float()
+            return qweight, scales, (-zeros * scales).contiguous()
 
     def _derive(self, dtype: torch.dtype):
         with torch.no_grad():
