@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from lmscale.cli.main import main
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -74,12 +76,22 @@ def test_help_lists_every_verb():
         (["frobnicate"], "invalid choice"),
     ],
 )
-def test_user_mistakes_print_one_line_and_exit_2(args, message):
-    out = lmscale(*args, check=False)
+def test_user_mistakes_print_one_line_and_exit_2(args, message, capsys, monkeypatch):
+    # In process, through the entry point's main(argv): each case checks the message, and a
+    # fresh interpreter per case would only import torch again (the process is tested below).
+    monkeypatch.chdir(ROOT)
+    assert main([*map(str, args)]) == 2
+    stderr = capsys.readouterr().err
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
+
+
+def test_a_user_mistake_in_a_real_process_is_one_line_and_exit_2():
+    out = lmscale("train", "--config", "configs/tiny.toml", "--train.lr", "fast", check=False)
     assert out.returncode == 2
     assert "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], out.stderr
+    assert len(lines) == 1 and "train.lr" in lines[0], out.stderr
 
 
 def test_keep_quantized_runs_a_gguf_on_its_int4_weights(tmp_path):

@@ -49,15 +49,23 @@ def pruned(smollm2, plays, config):
     return model, record
 
 
-def test_two_four_and_structured_perplexity(smollm2, plays, float_perplexity):
+@pytest.fixture(scope="module")
+def structured(smollm2, plays):
+    """Structured pruning at 25% and 50% (activation importance), built once for both tests."""
+    return {sparsity: pruned(smollm2, plays, PruneConfig("structured", sparsity))
+            for sparsity in (0.25, 0.5)}  # fmt: skip
+
+
+def test_two_four_and_structured_perplexity(smollm2, plays, float_perplexity, structured):
     results = {}
     for name, config in {
         "2:4": PruneConfig("2:4", 0.5),
-        "structured 25%, activation": PruneConfig("structured", 0.25),
+        "structured 25%, activation": 0.25,
         "structured 25%, weight norms": PruneConfig("structured", 0.25, importance="weight"),
-        "structured 50%, activation": PruneConfig("structured", 0.5),
+        "structured 50%, activation": 0.5,
     }.items():
-        model, record = pruned(smollm2, plays, config)
+        is_shared = isinstance(config, float)
+        model, record = structured[config] if is_shared else pruned(smollm2, plays, config)
         perplexity = evaluate(model, plays[0], CONTEXT).perplexity
         results[name] = perplexity
         shape = f", {record['after']}" if "after" in record else ""
@@ -71,12 +79,12 @@ def test_two_four_and_structured_perplexity(smollm2, plays, float_perplexity):
     assert results["structured 25%, activation"] < results["structured 25%, weight norms"]
 
 
-def test_structured_pruning_shrinks_every_block(smollm2, plays):
+def test_structured_pruning_shrinks_every_block(smollm2, structured):
     """The smaller dense model is really smaller (its speed is measured by bench/prune_speed.py)."""
     config = smollm2[0].config
     total = sum(p.numel() for p in smollm2[0].parameters())
     for sparsity, heads, hidden in ((0.25, 6, 1152), (0.5, 3, 768)):
-        model, _ = pruned(smollm2, plays, PruneConfig("structured", sparsity))
+        model, _ = structured[sparsity]
         assert (model.config.n_heads, model.config.hidden_dim) == (heads, hidden)
         assert model.config.head_dim == config.dim // config.n_heads  # heads keep their width
         assert all(b.feed_forward.w1.weight.shape == (hidden, config.dim) for b in model.layers)

@@ -16,6 +16,7 @@ from lmscale.data.labelled import (
 from lmscale.errors import LmscaleError
 from lmscale.finetune.classify import (
     ClassifyConfig,
+    Encoded,
     SequenceClassifier,
     batches,
     encode,
@@ -123,6 +124,22 @@ def test_unknown_labels_and_bad_settings_are_refused(tiny):
         ClassifyConfig(train="half")
     with pytest.raises(LmscaleError, match="at least 2 labels"):
         SequenceClassifier(model, 1)
+
+
+def test_a_probe_s_validation_score_is_what_the_folded_classifier_predicts(tiny):
+    """The probe scores validation on cached features; the saved head must predict the same."""
+    model, _ = tiny
+    rng, vocab = random.Random(0), model.config.vocab_size
+    data = [
+        Encoded([[rng.randrange(3, vocab) for _ in range(rng.randrange(4, 12))] for _ in range(n)],
+                [i % 3 for i in range(n)])
+        for n in (24, 12)
+    ]  # fmt: skip
+    classifier = SequenceClassifier(model, 3, "mean")
+    settings = ClassifyConfig(train="head", pooling="mean", head_epochs=30, head_lr=1e-2)
+    scored = train_classifier(classifier, *data, settings, pad_id=2, log=lambda _: None)
+    predicted = predict(classifier, data[1], settings.batch_size, pad_id=2)
+    assert scored == metrics(predicted, data[1].labels)
 
 
 def _genre_sample(split: str, per_genre: int) -> list:

@@ -15,6 +15,7 @@ import torch
 from procs import REPO, check, final_weights, lmscale_train, step_losses, tiny_args, worker_env
 
 from lmscale.checkpoint import load_pretrained
+from lmscale.cli.main import main
 from lmscale.data import TokenDataset
 from lmscale.train.evaluate import evaluate
 from lmscale.train.metrics import read_metrics
@@ -77,18 +78,24 @@ def test_pipeline_matches_one_process(case, single4, shakespeare_dir, tmp_path):
         assert logged == pytest.approx(direct.loss, abs=1e-5)
 
 
-def test_bad_pipeline_plans_fail_in_one_line(shakespeare_dir, tmp_path):
+def test_bad_pipeline_plans_fail_in_one_line(shakespeare_dir, tmp_path, capsys):
     base = tiny_args(shakespeare_dir, "--out", str(tmp_path / "r"))
     cases = {
         ("--parallel.strategy", "pp+fsdp"): "needs parallel.pp",
         ("--parallel.strategy", "pp", "--parallel.pp_schedule", "interleaved-1f1b"): "stages",
         ("--parallel.strategy", "pp", "--parallel.pp_schedule", "zb"): "must be one of gpipe",
     }
-    for extra, message in cases.items():
-        result = lmscale_train([*base, *extra], nproc=2)
-        assert result.returncode != 0
-        error = result.stderr.strip().splitlines()[-1]
-        assert error.startswith("lmscale: error:") and message in error, result.stderr[-2000:]
+    # The first case as a user runs it; the others in process through the entry point's
+    # main(argv): each would only import torch again in a fresh interpreter.
+    (first, message), *others = cases.items()
+    result = lmscale_train([*base, *first], nproc=2)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("lmscale: error:") and message in error, result.stderr[-2000:]
+    for extra, message in others:
+        assert main(["train", *base, *extra, "--nproc", "2"]) == 2
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("lmscale: error:") and message in error, error
     assert not (tmp_path / "r").exists()
 
 

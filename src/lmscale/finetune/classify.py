@@ -322,4 +322,7 @@ def _train_head(
         weight = probe.weight / std
         model.head.weight.copy_(weight.to(model.head.weight.dtype))
         model.head.bias.copy_((probe.bias - weight @ mean).to(model.head.bias.dtype))
-    return metrics(predict(model, val, config.batch_size, pad_id), val.labels)
+        # NOTE: the folded head on the cached features is what `predict` computes, without a
+        # second pass of the frozen backbone over the validation set.
+        logits = model.head(val_features.to(model.head.weight.dtype))
+    return metrics(logits.argmax(-1).tolist(), val.labels)
