@@ -35,6 +35,12 @@ integers once, on first use (`_kernel_state`, rebuilt when the buffers, dtype or
 
 Kernels (CPU; any other device runs the reference: dequantize, then `F.linear`):
 
+    lmscale's own  up to `lmscale.kernels.MAX_ROWS` (8) rows, int8 of both layouts and int4 of
+                  both zero points, eager and compiled: `torch.ops.lmscale.int4_matvec` /
+                  `int8_matvec` over the stored codes (see `lmscale.kernels`; on an AVX-512
+                  VNNI CPU they round the activations to int8 per 32 columns). Where they could
+                  not be built, the kernels below serve every row count.
+
     compiled, a few rows  inside a compiled CPU graph of at most `MATVEC_MAX_ROWS` rows (the
                   decode step), int8 of both layouts runs as a product summed over the input
                   (`lmscale.model.layout.matvec`'s form, in float32): inductor streams the int8
