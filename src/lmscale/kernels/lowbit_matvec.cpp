@@ -63,11 +63,9 @@ struct Weights {
 
 using RowKernel = void (*)(const Activations&, const Weights&, int64_t, int64_t);
 
-// --- VNNI (AVX-512 VNNI on 256-bit vectors) ----------------------------------------------------
+// Shared by the vector paths (a function whose ISA is a subset of its caller's inlines).
 
-#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
-
-VNNI inline float sum8(__m256 v) {
+__attribute__((target("avx2,fma"))) inline float sum8_avx2(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -76,7 +74,8 @@ VNNI inline float sum8(__m256 v) {
 
 // sum_i a[i] * b[i] as vector multiply-adds (a scalar loop would be summed strictly in order,
 // one dependent add after another)
-VNNI inline float dot_vnni(const float* a, const float* b, int64_t n) {
+__attribute__((target("avx512f"))) inline float dot_avx512(const float* a, const float* b,
+                                                           int64_t n) {
   __m512 total = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 lanes = n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1;
@@ -86,9 +85,11 @@ VNNI inline float dot_vnni(const float* a, const float* b, int64_t n) {
   return _mm512_reduce_add_ps(total);
 }
 
-// One chunk of 32 columns of one output row, added into acc[m] for every activation row m.
-// (Chunks run in a flat loop, two per iteration into two accumulators: a loop per group would
-// run once for group 32, its overhead as large as its work.)
+// --- VNNI (AVX-512 VNNI on 256-bit vectors) ----------------------------------------------------
+
+#define VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+
 template <int M>
 VNNI inline void int4_chunk_vnni(const Activations& a, const Weights& w, const uint8_t* q,
                                  float scale, int64_t c, int64_t chunks, __m256* acc) {
@@ -121,8 +122,8 @@ VNNI void int4_rows_vnni(const Activations& a, const Weights& w, int64_t begin, 
     }
     if (c < chunks) int4_chunk_vnni<M>(a, w, q, s[c >> shift], c, chunks, even);
     for (int m = 0; m < M; ++m)
-      w.y[m * w.N + n] = sum8(_mm256_add_ps(even[m], odd[m])) +
-                         dot_vnni(w.mins + n * ng, a.xsum + m * ng, ng);
+      w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m])) +
+                         dot_avx512(w.mins + n * ng, a.xsum + m * ng, ng);
   }
 }
 
@@ -160,7 +161,7 @@ VNNI void int8_rows_vnni(const Activations& a, const Weights& w, int64_t begin, 
       }
     }
     for (; c < chunks; ++c) int8_chunk_vnni<M>(a, w, q, s[c / per_group], c, chunks, even);
-    for (int m = 0; m < M; ++m) w.y[m * w.N + n] = sum8(_mm256_add_ps(even[m], odd[m]));
+    for (int m = 0; m < M; ++m) w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m]));
   }
 }
 
@@ -187,16 +188,6 @@ VNNI void quantize_rows_vnni(const float* x, int64_t values, int8_t* xq, float* 
 
 // --- float: AVX-512F ----------------------------------------------------------------------
 
-__attribute__((target("avx512f"))) inline float dot_avx512(const float* a, const float* b,
-                                                           int64_t n) {
-  __m512 total = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 lanes = n - i >= 16 ? 0xFFFF : (1u << (n - i)) - 1;
-    total = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(lanes, a + i), _mm512_maskz_loadu_ps(lanes, b + i),
-                            total);
-  }
-  return _mm512_reduce_add_ps(total);
-}
 
 template <int M>
 __attribute__((target("avx512f"))) void int4_rows_avx512(const Activations& a, const Weights& w,
@@ -265,12 +256,6 @@ inline float dot_plain(const float* a, const float* b, int64_t n) {
   return (partial[0] + partial[1]) + (partial[2] + partial[3]);
 }
 
-__attribute__((target("avx2,fma"))) inline float sum8_avx2(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <int M>
 __attribute__((target("avx2,fma"))) void int4_rows_avx2(const Activations& a, const Weights& w,
