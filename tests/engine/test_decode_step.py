@@ -117,6 +117,14 @@ def test_generate_with_the_compiled_step_equals_eager_on_int4_layers_and_a_q8_0_
         want = list(generate_ids(model, prompt, params))
         assert_same_greedy(model, prompt, got, want)
     assert set(step.compile_seconds) == {(1, True)}
+    # each block's q/k/v and gate/up ran as one kernel call each (`lmscale.kernels.fusion`)
+    with torch.profiler.profile() as profile:
+        list(
+            generate_ids(model, prompt, SamplingParams(temperature=0, max_new_tokens=4), step=step)
+        )
+    calls = {event.key: event.count for event in profile.key_averages()}
+    per_step = 2 * model.config.n_layers  # the 20-token prefill runs PyTorch's kernel, eagerly
+    assert calls["lmscale::int4_matvec_cat"] == calls["lmscale::int4_matvec"] == 3 * per_step
 
 
 def test_background_warm_up_serves_eagerly_until_the_graphs_are_ready(tiny_tokenizer):

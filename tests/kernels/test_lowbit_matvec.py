@@ -11,8 +11,10 @@ import sys
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from lmscale import kernels
+from lmscale.kernels.fusion import FuseSharedInputMatvecs, fuse_shared_input_matvecs
 from lmscale.model.quantized import unpack_int4
 
 pytestmark = pytest.mark.skipif(not kernels.load(), reason=f"no native kernels: {kernels.reason()}")
@@ -90,6 +92,20 @@ def test_int8_matvec_equals_the_dequantized_matmul(isa, rows, n, k, group):
     check(torch.ops.lmscale.int8_matvec(x, qweight, scales, group), x, weight, isa)
 
 
+@pytest.mark.parametrize("rows", [1, 5])
+def test_cat_forms_equal_the_single_weight_calls_side_by_side(isa, rows):
+    """q/k/v-like widths (one not a multiple of the threads' grain): the same bits as alone."""
+    x = torch.randn(rows, 576)
+    int4 = [int4_weight(n, 576, 32, seed=n)[0] for n in (576, 200, 7)]
+    alone = [torch.ops.lmscale.int4_matvec(x, *weight, 32) for weight in int4]
+    together = torch.ops.lmscale.int4_matvec_cat(x, *map(list, zip(*int4, strict=True)), 32)
+    assert torch.equal(together, torch.cat(alone, dim=1))
+    int8 = [int8_weight(n, 576, 32, seed=n)[0] for n in (1536, 33)]
+    alone = [torch.ops.lmscale.int8_matvec(x, *weight, 32) for weight in int8]
+    together = torch.ops.lmscale.int8_matvec_cat(x, *map(list, zip(*int8, strict=True)), 32)
+    assert torch.equal(together, torch.cat(alone, dim=1))
+
+
 def test_the_vnni_path_rounds_activations_only_a_little():
     if "vnni" not in available_isas():
         pytest.skip("this CPU has no AVX-512 VNNI")
@@ -114,6 +130,33 @@ def test_a_compiled_graph_calls_the_kernels():
     assert torch.equal(compiled(x), layer(x))
 
 
+def test_a_compiled_graph_fuses_the_calls_that_read_one_input():
+    """As q/k/v read one normalised vector, each through its own reshape: one call for them."""
+    weights = [int4_weight(n, 256, 32, seed=n)[0] for n in (64, 32, 32, 48)]
+
+    def block(x):
+        h = torch.rms_norm(x, (256,))
+        q, k, v = (
+            torch.ops.lmscale.int4_matvec(h.reshape(-1, 256), *w, 32) for w in weights[:3]
+        )  # fmt: skip
+        other = torch.ops.lmscale.int4_matvec(x.reshape(-1, 256), *weights[3], 32)  # not h
+        return q.sum(-1) + k.sum(-1) * v.sum(-1), other
+
+    traced = make_fx(block)(torch.randn(2, 256))
+    assert fuse_shared_input_matvecs(traced.graph) == 2
+    traced.recompile()
+    calls = [str(node.target) for node in traced.graph.nodes if "matvec" in str(node.target)]
+    assert calls == ["lmscale.int4_matvec_cat.default", "lmscale.int4_matvec.default"]
+    x = torch.randn(2, 256)
+    for got, want in zip(traced(x), block(x), strict=True):
+        assert torch.equal(got, want)
+    compiled = torch.compile(
+        block, fullgraph=True, options={"post_grad_custom_post_pass": FuseSharedInputMatvecs()}
+    )  # fmt: skip
+    for got, want in zip(compiled(x), block(x), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # inductor's own RMSNorm
+
+
 def test_bad_arguments_raise_a_clear_error():
     (qweight, scales, mins), _ = int4_weight(40, 256, 32, seed=0)
     with pytest.raises(RuntimeError, match="1 to 8 rows"):
@@ -124,6 +167,8 @@ def test_bad_arguments_raise_a_clear_error():
         torch.ops.lmscale.int4_matvec(torch.randn(1, 256), qweight, scales, mins[:, :4], 32)
     with pytest.raises(RuntimeError, match="x must be \\(M, K\\) float32"):
         torch.ops.lmscale.int4_matvec(torch.randn(1, 256).double(), qweight, scales, mins, 32)
+    with pytest.raises(RuntimeError, match="as many scales and mins as weights"):
+        torch.ops.lmscale.int4_matvec_cat(torch.randn(1, 256), [qweight] * 2, [scales], [mins], 32)
 
 
 def test_switched_off_by_the_environment_the_layers_keep_pytorchs_kernels():

@@ -145,9 +145,9 @@ class DecodeStep:
     def _compiled(self, family: tuple):
         """The compiled `_forward` for `family` (made on first use, under the lock).
 
-        NOTE: dynamo is imported here, not at construction: that takes seconds. The CPU batch-1
-        graph is compiled with inductor's C++ wrapper, which calls its ~300 kernels without a
-        Python line each: batch-1 float32 decode of SmolLM2 +24%, int4 +18% (2 cores). The
+        NOTE: dynamo and inductor are imported here, not at construction: that takes seconds.
+        The CPU batch-1 graph is compiled with inductor's C++ wrapper, which calls its ~300
+        kernels without a Python line each: batch-1 float32 decode of SmolLM2 +24%, int4 +18% (2 cores). The
         batched graphs are not: at 32 rows in process the C++ wrapper (with the guards
         skipped, below) ran 139 tok/s against 162 without.
         """
@@ -157,8 +157,13 @@ class DecodeStep:
             # `_forward`; past dynamo's default of 8 it would silently fall back to eager.
             dynamo_config = torch._dynamo.config
             dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-            mode = "reduce-overhead" if self._cuda else None
-            options = {"cpp_wrapper": True} if one else None
+            from lmscale.kernels.fusion import FuseSharedInputMatvecs  # imports inductor
+
+            # NOTE: torch.compile takes a mode or options, not both; the pass (q/k/v and gate/up
+            # of quantized layers in one kernel call each) concerns CPU kernels only.
+            mode, options = ("reduce-overhead", None) if self._cuda else (None, {
+                "post_grad_custom_post_pass": FuseSharedInputMatvecs(), "cpp_wrapper": one,
+            })  # fmt: skip
             self._graphs[one] = torch.compile(
                 self._forward, mode=mode, options=options, fullgraph=True, dynamic=False
             )  # fmt: skip

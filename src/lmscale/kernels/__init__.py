@@ -4,7 +4,9 @@ The C++ source ships with the package and is compiled on first use, once per mac
 version, into the user's cache folder (`~/.cache/lmscale/kernels`, or under `XDG_CACHE_HOME`),
 by `torch.utils.cpp_extension` with the system's C++ compiler (the one inductor uses too). It
 registers `torch.ops.lmscale.int4_matvec` and `int8_matvec` (see the source for the layouts),
-with shape functions here so that `torch.compile` graphs call them too.
+with shape functions here so that `torch.compile` graphs call them too, and their `*_cat` forms:
+several weights that read the same activations in one call, outputs side by side (the compiled
+decode step's q/k/v and gate/up, see `lmscale.kernels.fusion`).
 
 If the build fails (no compiler) or `LMSCALE_NATIVE_KERNELS=0` is set, `load()` returns False
 and the quantized layers keep their PyTorch kernels; the reason is logged once.
@@ -103,6 +105,15 @@ def _register_shapes() -> None:
     @torch.library.register_fake("lmscale::int8_matvec")
     def _(x: Tensor, qweight: Tensor, scales: Tensor, group: int) -> Tensor:
         return x.new_empty(x.shape[0], qweight.shape[0])
+
+    @torch.library.register_fake("lmscale::int4_matvec_cat")
+    def _(x: Tensor, qweights: list[Tensor], scales: list[Tensor], mins: list[Tensor],
+          group: int) -> Tensor:  # fmt: skip
+        return x.new_empty(x.shape[0], sum(q.shape[0] for q in qweights))
+
+    @torch.library.register_fake("lmscale::int8_matvec_cat")
+    def _(x: Tensor, qweights: list[Tensor], scales: list[Tensor], group: int) -> Tensor:
+        return x.new_empty(x.shape[0], sum(q.shape[0] for q in qweights))
 
 
 def isa() -> str:

@@ -25,7 +25,9 @@
 //       (XOR 0x80), and 128 * sum(xq) is taken back out, so every code -128..127 is exact.
 //   float (AVX-512F, AVX2 + FMA, or plain C++)  codes converted to float32 and multiply-added
 //       against float32 x: the dequantized matmul up to summation order, ~3x slower.
-// Output rows are split across the intra-op threads (at::parallel_for).
+// Output rows are split across the intra-op threads (at::parallel_for). The *_cat ops take
+// several weights that read the same x (q/k/v, gate/up): x is prepared once, and all their
+// rows share one parallel region; their outputs come side by side, in one (M, sum N) tensor.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,6 +35,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
@@ -57,8 +60,8 @@ struct Weights {
   const uint8_t* q;      // int4 (N, K/2) or int8 (N, K), see above
   const float* scales;   // (N, ng)
   const float* mins;     // (N, ng), int4 only
-  float* y;              // (M, N)
-  int64_t K, N, group;
+  float* y;              // (M, N) with rows `y_stride` apart (its columns of a wider output)
+  int64_t K, y_stride, group;
 };
 
 using RowKernel = void (*)(const Activations&, const Weights&, int64_t, int64_t);
@@ -122,7 +125,7 @@ VNNI void int4_rows_vnni(const Activations& a, const Weights& w, int64_t begin, 
     }
     if (c < chunks) int4_chunk_vnni<M>(a, w, q, s[c >> shift], c, chunks, even);
     for (int m = 0; m < M; ++m)
-      w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m])) +
+      w.y[m * w.y_stride + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m])) +
                          dot_avx512(w.mins + n * ng, a.xsum + m * ng, ng);
   }
 }
@@ -161,7 +164,7 @@ VNNI void int8_rows_vnni(const Activations& a, const Weights& w, int64_t begin, 
       }
     }
     for (; c < chunks; ++c) int8_chunk_vnni<M>(a, w, q, s[c / per_group], c, chunks, even);
-    for (int m = 0; m < M; ++m) w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m]));
+    for (int m = 0; m < M; ++m) w.y[m * w.y_stride + n] = sum8_avx2(_mm256_add_ps(even[m], odd[m]));
   }
 }
 
@@ -217,7 +220,7 @@ __attribute__((target("avx512f"))) void int4_rows_avx512(const Activations& a, c
       for (int m = 0; m < M; ++m) acc[m][g & 1] = _mm512_fmadd_ps(part[m], scale, acc[m][g & 1]);
     }
     for (int m = 0; m < M; ++m)
-      w.y[m * w.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
+      w.y[m * w.y_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1])) +
                          dot_avx512(w.mins + n * ng, a.xsum + m * ng, ng);
   }
 }
@@ -244,7 +247,7 @@ __attribute__((target("avx512f"))) void int8_rows_avx512(const Activations& a, c
       for (int m = 0; m < M; ++m) acc[m][g & 1] = _mm512_fmadd_ps(part[m], scale, acc[m][g & 1]);
     }
     for (int m = 0; m < M; ++m)
-      w.y[m * w.N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
+      w.y[m * w.y_stride + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m][0], acc[m][1]));
   }
 }
 
@@ -287,7 +290,7 @@ __attribute__((target("avx2,fma"))) void int4_rows_avx2(const Activations& a, co
       for (int m = 0; m < M; ++m) acc[m][g & 1] = _mm256_fmadd_ps(part[m], scale, acc[m][g & 1]);
     }
     for (int m = 0; m < M; ++m)
-      w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(acc[m][0], acc[m][1])) +
+      w.y[m * w.y_stride + n] = sum8_avx2(_mm256_add_ps(acc[m][0], acc[m][1])) +
                          dot_plain(w.mins + n * ng, a.xsum + m * ng, ng);
   }
 }
@@ -313,7 +316,7 @@ __attribute__((target("avx2,fma"))) void int8_rows_avx2(const Activations& a, co
       const __m256 scale = _mm256_set1_ps(s[g]);
       for (int m = 0; m < M; ++m) acc[m][g & 1] = _mm256_fmadd_ps(part[m], scale, acc[m][g & 1]);
     }
-    for (int m = 0; m < M; ++m) w.y[m * w.N + n] = sum8_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
+    for (int m = 0; m < M; ++m) w.y[m * w.y_stride + n] = sum8_avx2(_mm256_add_ps(acc[m][0], acc[m][1]));
   }
 }
 
@@ -335,7 +338,7 @@ void int4_rows_plain(const Activations& a, const Weights& w, int64_t begin, int6
         }
         total += part * w.scales[n * ng + g] + w.mins[n * ng + g] * a.xsum[m * ng + g];
       }
-      w.y[m * w.N + n] = total;
+      w.y[m * w.y_stride + n] = total;
     }
   }
 }
@@ -353,7 +356,7 @@ void int8_rows_plain(const Activations& a, const Weights& w, int64_t begin, int6
           part += float(q[n * w.K + k]) * a.x[m * w.K + k];
         total += part * w.scales[n * ng + g];
       }
-      w.y[m * w.N + n] = total;
+      w.y[m * w.y_stride + n] = total;
     }
   }
 }
@@ -458,42 +461,99 @@ void check_scales(const at::Tensor& t, int64_t N, int64_t ng, const char* name) 
               "lowbit matvec: ", name, " must be (N, K/group) float32");
 }
 
-at::Tensor run(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
-               const at::Tensor* mins, int64_t group,
+// One weight's share of a call: its tensors and the output columns it fills.
+struct Part {
+  at::Tensor q, scales, mins;
+  int64_t first;  // its first column in the output
+};
+
+// y (M, sum of the parts' N) = x times each part's weight, side by side. The activations are
+// prepared once for all the parts, and the output rows of all of them are split across the
+// threads in one parallel region (layers that read the same x: q/k/v, gate/up).
+at::Tensor run(const at::Tensor& x_in, const std::vector<Part>& parts, int64_t group, bool int4,
                const std::array<std::array<RowKernel, kMaxRows>, 4>& table) {
-  const at::Tensor x = x_in.contiguous(), s = scales.contiguous();
-  const at::Tensor mn = mins ? mins->contiguous() : at::Tensor();
-  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t total = parts.back().first + parts.back().q.size(0);
   Prepared p;
-  prepare(x.data_ptr<float>(), M, K, group, mins != nullptr, p);
-  at::Tensor y = at::empty({M, N}, x.options());
-  const Weights w{static_cast<const uint8_t*>(q.data_ptr()), s.data_ptr<float>(),
-                  mins ? mn.data_ptr<float>() : nullptr, y.data_ptr<float>(), K, N, group};
+  prepare(x.data_ptr<float>(), M, K, group, int4, p);
+  at::Tensor y = at::empty({M, total}, x.options());
+  std::vector<Weights> weights;
+  for (const Part& part : parts)  // each part writes its columns of y: row stride `total`
+    weights.push_back({static_cast<const uint8_t*>(part.q.data_ptr()),
+                       part.scales.data_ptr<float>(),
+                       int4 ? part.mins.data_ptr<float>() : nullptr,
+                       y.data_ptr<float>() + part.first, K, total, group});
   const RowKernel kernel = table[static_cast<int64_t>(active)][M - 1];
-  at::parallel_for(0, N, kGrain, [&](int64_t begin, int64_t end) { kernel(p.view, w, begin, end); });
+  at::parallel_for(0, total, kGrain, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < parts.size(); ++i) {  // the pieces of [begin, end) in each part
+      const int64_t first = parts[i].first, rows = parts[i].q.size(0);
+      const int64_t b = std::max(begin, first), e = std::min(end, first + rows);
+      if (b < e) kernel(p.view, weights[i], b - first, e - first);
+    }
+  });
   return y;
+}
+
+std::vector<Part> int4_parts(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                             at::TensorList mins, int64_t group) {
+  TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() &&
+                  mins.size() == qweights.size(),
+              "int4 matvec: as many scales and mins as weights");
+  std::vector<Part> parts;
+  int64_t first = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const at::Tensor& q = qweights[i];
+    check_x(x, q, group);
+    const int64_t N = q.size(0), ng = x.size(1) / group;
+    TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(1) * 2 == x.size(1) &&
+                    q.is_contiguous(),
+                "int4 matvec: qweight must be contiguous (N, K/2) uint8");
+    check_scales(scales[i], N, ng, "scales");
+    check_scales(mins[i], N, ng, "mins");
+    parts.push_back({q, scales[i].contiguous(), mins[i].contiguous(), first});
+    first += N;
+  }
+  return parts;
+}
+
+std::vector<Part> int8_parts(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                             int64_t group) {
+  TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size(),
+              "int8 matvec: as many scales as weights");
+  std::vector<Part> parts;
+  int64_t first = 0;
+  for (size_t i = 0; i < qweights.size(); ++i) {
+    const at::Tensor& q = qweights[i];
+    check_x(x, q, group);
+    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1) &&
+                    q.is_contiguous(),
+                "int8 matvec: qweight must be contiguous (N, K) int8");
+    check_scales(scales[i], q.size(0), x.size(1) / group, "scales");
+    parts.push_back({q, scales[i].contiguous(), at::Tensor(), first});
+    first += q.size(0);
+  }
+  return parts;
 }
 
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group) {
-  check_x(x, qweight, group);
-  const int64_t N = qweight.size(0), ng = x.size(1) / group;
-  TORCH_CHECK(qweight.scalar_type() == at::kByte && qweight.dim() == 2 &&
-                  qweight.size(1) * 2 == x.size(1) && qweight.is_contiguous(),
-              "int4 matvec: qweight must be contiguous (N, K/2) uint8");
-  check_scales(scales, N, ng, "scales");
-  check_scales(mins, N, ng, "mins");
-  return run(x, qweight, scales, &mins, group, kInt4);
+  return run(x, int4_parts(x, {qweight}, {scales}, {mins}, group), group, true, kInt4);
 }
 
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        int64_t group) {
-  check_x(x, qweight, group);
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
-                  qweight.size(1) == x.size(1) && qweight.is_contiguous(),
-              "int8 matvec: qweight must be contiguous (N, K) int8");
-  check_scales(scales, qweight.size(0), x.size(1) / group, "scales");
-  return run(x, qweight, scales, nullptr, group, kInt8);
+  return run(x, int8_parts(x, {qweight}, {scales}, group), group, false, kInt8);
+}
+
+at::Tensor int4_matvec_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                           at::TensorList mins, int64_t group) {
+  return run(x, int4_parts(x, qweights, scales, mins, group), group, true, kInt4);
+}
+
+at::Tensor int8_matvec_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                           int64_t group) {
+  return run(x, int8_parts(x, qweights, scales, group), group, false, kInt8);
 }
 
 int64_t matvec_isa() { return static_cast<int64_t>(active); }
@@ -510,6 +570,9 @@ int64_t set_matvec_isa(int64_t level) {
 TORCH_LIBRARY(lmscale, m) {
   m.def("int4_matvec(Tensor x, Tensor qweight, Tensor scales, Tensor mins, int group) -> Tensor");
   m.def("int8_matvec(Tensor x, Tensor qweight, Tensor scales, int group) -> Tensor");
+  m.def("int4_matvec_cat(Tensor x, Tensor[] qweights, Tensor[] scales, Tensor[] mins, int group)"
+        " -> Tensor");
+  m.def("int8_matvec_cat(Tensor x, Tensor[] qweights, Tensor[] scales, int group) -> Tensor");
   m.def("matvec_isa() -> int", matvec_isa);
   m.def("set_matvec_isa(int level) -> int", set_matvec_isa);
 }
@@ -517,4 +580,6 @@ TORCH_LIBRARY(lmscale, m) {
 TORCH_LIBRARY_IMPL(lmscale, CPU, m) {
   m.impl("int4_matvec", int4_matvec);
   m.impl("int8_matvec", int8_matvec);
+  m.impl("int4_matvec_cat", int4_matvec_cat);
+  m.impl("int8_matvec_cat", int8_matvec_cat);
 }
