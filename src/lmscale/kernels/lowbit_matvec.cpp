@@ -495,65 +495,54 @@ at::Tensor run(const at::Tensor& x_in, const std::vector<Part>& parts, int64_t g
   return y;
 }
 
-std::vector<Part> int4_parts(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                             at::TensorList mins, int64_t group) {
+// The parts of a call, checked: int4 weights come with mins, int8 ones with none (empty list).
+std::vector<Part> to_parts(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
+                           at::TensorList mins, int64_t group, bool int4) {
   TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size() &&
-                  mins.size() == qweights.size(),
-              "int4 matvec: as many scales and mins as weights");
+                  mins.size() == (int4 ? qweights.size() : 0),
+              int4 ? "int4 matvec: as many scales and mins as weights"
+                   : "int8 matvec: as many scales as weights");
   std::vector<Part> parts;
   int64_t first = 0;
   for (size_t i = 0; i < qweights.size(); ++i) {
     const at::Tensor& q = qweights[i];
     check_x(x, q, group);
     const int64_t N = q.size(0), ng = x.size(1) / group;
-    TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(1) * 2 == x.size(1) &&
-                    q.is_contiguous(),
-                "int4 matvec: qweight must be contiguous (N, K/2) uint8");
+    if (int4) {
+      TORCH_CHECK(q.scalar_type() == at::kByte && q.dim() == 2 && q.size(1) * 2 == x.size(1) &&
+                      q.is_contiguous(),
+                  "int4 matvec: qweight must be contiguous (N, K/2) uint8");
+    } else {
+      TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1) &&
+                      q.is_contiguous(),
+                  "int8 matvec: qweight must be contiguous (N, K) int8");
+    }
     check_scales(scales[i], N, ng, "scales");
-    check_scales(mins[i], N, ng, "mins");
-    parts.push_back({q, scales[i].contiguous(), mins[i].contiguous(), first});
+    if (int4) check_scales(mins[i], N, ng, "mins");
+    parts.push_back({q, scales[i].contiguous(), int4 ? mins[i].contiguous() : at::Tensor(), first});
     first += N;
-  }
-  return parts;
-}
-
-std::vector<Part> int8_parts(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
-                             int64_t group) {
-  TORCH_CHECK(!qweights.empty() && scales.size() == qweights.size(),
-              "int8 matvec: as many scales as weights");
-  std::vector<Part> parts;
-  int64_t first = 0;
-  for (size_t i = 0; i < qweights.size(); ++i) {
-    const at::Tensor& q = qweights[i];
-    check_x(x, q, group);
-    TORCH_CHECK(q.scalar_type() == at::kChar && q.dim() == 2 && q.size(1) == x.size(1) &&
-                    q.is_contiguous(),
-                "int8 matvec: qweight must be contiguous (N, K) int8");
-    check_scales(scales[i], q.size(0), x.size(1) / group, "scales");
-    parts.push_back({q, scales[i].contiguous(), at::Tensor(), first});
-    first += q.size(0);
   }
   return parts;
 }
 
 at::Tensor int4_matvec(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        const at::Tensor& mins, int64_t group) {
-  return run(x, int4_parts(x, {qweight}, {scales}, {mins}, group), group, true, kInt4);
+  return run(x, to_parts(x, {qweight}, {scales}, {mins}, group, true), group, true, kInt4);
 }
 
 at::Tensor int8_matvec(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
                        int64_t group) {
-  return run(x, int8_parts(x, {qweight}, {scales}, group), group, false, kInt8);
+  return run(x, to_parts(x, {qweight}, {scales}, {}, group, false), group, false, kInt8);
 }
 
 at::Tensor int4_matvec_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                            at::TensorList mins, int64_t group) {
-  return run(x, int4_parts(x, qweights, scales, mins, group), group, true, kInt4);
+  return run(x, to_parts(x, qweights, scales, mins, group, true), group, true, kInt4);
 }
 
 at::Tensor int8_matvec_cat(const at::Tensor& x, at::TensorList qweights, at::TensorList scales,
                            int64_t group) {
-  return run(x, int8_parts(x, qweights, scales, group), group, false, kInt8);
+  return run(x, to_parts(x, qweights, scales, {}, group, false), group, false, kInt8);
 }
 
 int64_t matvec_isa() { return static_cast<int64_t>(active); }
