@@ -89,6 +89,7 @@ def test_generate_with_the_compiled_step_equals_eager(tiny_tokenizer):
         generate_ids(model, prompt, seeded)
     )
     assert set(step.compile_seconds) == {(1, True)}  # caches of any length share one graph
+    assert step.graphs_compiled == 1  # dynamo did not recompile it either
 
 
 def q8_0_table(embedding: torch.nn.Embedding) -> QuantizedEmbedding:
@@ -123,6 +124,7 @@ def test_generate_with_the_compiled_step_equals_eager_on_int4_layers_and_a_q8_0_
             generate_ids(model, prompt, SamplingParams(temperature=0, max_new_tokens=4), step=step)
         )
     calls = {event.key: event.count for event in profile.key_averages()}
+    assert "TorchDynamo Cache Lookup" not in calls  # called without dynamo (`DirectGraph`)
     per_step = 2 * model.config.n_layers  # the 20-token prefill runs PyTorch's kernel, eagerly
     assert calls["lmscale::int4_matvec_cat"] == calls["lmscale::int4_matvec"] == 3 * per_step
 

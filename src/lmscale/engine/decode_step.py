@@ -33,11 +33,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from lmscale.engine.direct_graph import CapturingInductor, DirectGraph
 from lmscale.model import Transformer
 from lmscale.model.layout import MATVEC_MAX_ROWS, compiled_layout_
 
 _COMPILING = threading.Lock()
-"""Held while any `DecodeStep` compiles (and, briefly, while a step skips guards)."""
+"""Held while any `DecodeStep` compiles."""
 
 KEY_BUCKET = 64
 """Keys read per step are rounded up to a multiple of this (fewer CUDA graphs; on a CPU the
@@ -134,6 +135,8 @@ class DecodeStep:
         self.cache_dir = use_compile_cache()
         self._cuda = self.device.type == "cuda"
         self._graphs: dict[bool, object] = {}  # batch 1 or not -> compiled `_forward` (see there)
+        self._backends: dict[bool, CapturingInductor] = {}
+        self._direct: dict[tuple, DirectGraph] = {}  # family -> its graph, called without dynamo
         self._ready: set[tuple] = set()
         self.compile_seconds: dict[tuple, float] = {}
         """Seconds each graph family took to compile (or to load from the on-disk cache)."""
@@ -147,9 +150,10 @@ class DecodeStep:
 
         NOTE: dynamo and inductor are imported here, not at construction: that takes seconds.
         The CPU batch-1 graph is compiled with inductor's C++ wrapper, which calls its ~300
-        kernels without a Python line each: batch-1 float32 decode of SmolLM2 +24%, int4 +18% (2 cores). The
-        batched graphs are not: at 32 rows in process the C++ wrapper (with the guards
-        skipped, below) ran 139 tok/s against 162 without.
+        kernels without a Python line each: batch-1 float32 decode of SmolLM2 +24%, int4 +18%
+        (2 cores). The batched graphs are not: at 32 rows in process the C++ wrapper ran 139
+        tok/s against 162 without. On a CPU every graph is kept (`CapturingInductor`) and then
+        called directly (`DirectGraph`): dynamo's own per-call work was ~2 ms of a 12 ms step.
         """
         one = self._batch_one(family)
         if one not in self._graphs:
@@ -161,13 +165,23 @@ class DecodeStep:
 
             # NOTE: torch.compile takes a mode or options, not both; the pass (q/k/v and gate/up
             # of quantized layers in one kernel call each) concerns CPU kernels only.
-            mode, options = ("reduce-overhead", None) if self._cuda else (None, {
-                "post_grad_custom_post_pass": FuseSharedInputMatvecs(), "cpp_wrapper": one,
-            })  # fmt: skip
-            self._graphs[one] = torch.compile(
-                self._forward, mode=mode, options=options, fullgraph=True, dynamic=False
-            )  # fmt: skip
+            if self._cuda:
+                self._graphs[one] = torch.compile(
+                    self._forward, mode="reduce-overhead", fullgraph=True, dynamic=False
+                )  # fmt: skip
+            else:
+                self._backends[one] = backend = CapturingInductor({
+                    "post_grad_custom_post_pass": FuseSharedInputMatvecs(), "cpp_wrapper": one,
+                })  # fmt: skip
+                self._graphs[one] = torch.compile(
+                    self._forward, backend=backend, fullgraph=True, dynamic=False
+                )  # fmt: skip
         return self._graphs[one]
+
+    @property
+    def graphs_compiled(self) -> int:
+        """Graphs compiled on a CPU so far, any recompilation by dynamo included."""
+        return sum(len(backend.graphs) for backend in self._backends.values())
 
     def family(self, n_rows: int, contiguous: bool) -> tuple:
         """The graph that serves a batch of `n_rows` (see the class docstring)."""
@@ -207,55 +221,62 @@ class DecodeStep:
         """
         n = len(tokens)
         family = self.family(n, contiguous)
-        inputs = self._inputs(tokens, positions, block_tables, k_pools[0].shape[2], scratch_block)
+        block_size = k_pools[0].shape[2]
+        # NOTE: a contiguous pool read up to its last key is a view of another layout (itself
+        # contiguous), which dynamo would compile as a second graph (minutes, for a real
+        # model): the graph reads all but the last key, and a step at the last position of
+        # the cache runs eagerly.
+        if contiguous and max(positions) + 1 >= block_size:  # the cache's last position
+            inputs = self._inputs(tokens, positions, block_tables, block_size, scratch_block)
+            return self._forward(*inputs, k_pools, v_pools, contiguous)[:n]  # eagerly (above)
+        inputs = self._inputs(
+            tokens, positions, block_tables, block_size, scratch_block, spare_key=contiguous
+        )  # fmt: skip
         if not contiguous and inputs[2].shape[1] == 1:  # NOTE: width 1 would be another graph
             inputs = (inputs[0], inputs[1], inputs[2].expand(-1, 2).contiguous(), inputs[3])
+        direct = self._direct.get(family)
+        if direct is not None:
+            outputs = direct(self._arguments(inputs, k_pools, v_pools, contiguous))
+            if outputs is not None:
+                return outputs[0][:n]
         self._mark_dynamic(inputs, k_pools, v_pools, contiguous)
-        if family in self._ready and self._batch_one(family):
-            return self._run_batch_one(inputs, k_pools, v_pools, contiguous)[:n]
         if family in self._ready:
             return self._compiled(family)(*inputs, k_pools, v_pools, contiguous)[:n]
         with _COMPILING:  # one compilation at a time (a warm-up thread may be compiling)
             start = time.perf_counter()
             if self.verbose:
                 print(f"compiling the decode step for {n} rows ...", file=sys.stderr, flush=True)
-            logits = self._compiled(family)(*inputs, k_pools, v_pools, contiguous)[:n]
+            graph = self._compiled(family)
+            backend = self._backends.get(self._batch_one(family))
+            known = len(backend.graphs) if backend is not None else 0
+            logits = graph(*inputs, k_pools, v_pools, contiguous)[:n]
+            if backend is not None and len(backend.graphs) == known + 1:  # this call's graph
+                try:
+                    self._direct[family] = DirectGraph(backend.graphs[-1], {"self": self})
+                except ValueError:  # an input it cannot read: dynamo calls this graph
+                    pass
             self.compile_seconds[family] = seconds = time.perf_counter() - start
             self._ready.add(family)
         if self.verbose:
             print(f"compiled the decode step in {seconds:.1f} s", file=sys.stderr, flush=True)
         return logits
 
-    def _run_batch_one(self, inputs, k_pools, v_pools, contiguous: bool) -> Tensor:
-        """The batch-1 graph's logits, with dynamo's guards skipped when that is safe.
+    def _arguments(self, inputs, k_pools, v_pools, contiguous: bool) -> dict:
+        """`_forward`'s arguments by name, as a graph's input sources read them."""
+        tokens, positions, block_tables, key_positions = inputs
+        return {
+            "self": self, "tokens": tokens, "positions": positions,
+            "block_tables": block_tables, "key_positions": key_positions,
+            "k_pools": k_pools, "v_pools": v_pools, "contiguous": contiguous,
+        }  # fmt: skip
 
-        Checking the guards (every layer's tensors and attributes) took ~1.4 ms of a ~10 ms
-        int4 step. Once this family's graph exists the guards only choose among compiled
-        graphs, so only the ones that tell them apart need to run (`skip_guard_eval_unsafe`).
-        NOTE: that stance is process-wide, so it is taken only while no thread compiles
-        (`_COMPILING` free); otherwise the step runs with every guard. When no graph's
-        differentiating guards pass (dynamo would recompile: e.g. a pool size it first saw
-        as static), dynamo raises instead, and the step runs again with every guard.
-        """
-        graph = self._compiled((1, contiguous))
-        if not _COMPILING.acquire(blocking=False):
-            return graph(*inputs, k_pools, v_pools, contiguous)
-        try:
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return graph(*inputs, k_pools, v_pools, contiguous)
-            except RuntimeError as error:
-                if "skip_guard_eval_unsafe" not in str(error):
-                    raise
-            return graph(*inputs, k_pools, v_pools, contiguous)  # may recompile
-        finally:
-            _COMPILING.release()
-
-    def _inputs(self, tokens, positions, block_tables, block_size, scratch_block):
+    def _inputs(self, tokens, positions, block_tables, block_size, scratch_block, spare_key=False):
+        """The graph's tensor inputs; `spare_key`: read at most all but the pool's last key."""
         n = len(tokens)
         bucket = batch_bucket(n)
         width = max(len(t) for t in block_tables)
-        keys = min(-(-(max(positions) + 1) // KEY_BUCKET) * KEY_BUCKET, width * block_size)
+        room = width * block_size - spare_key
+        keys = min(-(-(max(positions) + 1) // KEY_BUCKET) * KEY_BUCKET, room)
         tables = torch.full((bucket, width), scratch_block, dtype=torch.long)
         for b, table in enumerate(block_tables):
             tables[b, : len(table)] = torch.tensor(table)
