@@ -92,6 +92,21 @@ def test_generate_with_the_compiled_step_equals_eager(tiny_tokenizer):
     assert step.graphs_compiled == 1  # dynamo did not recompile it either
 
 
+@torch.inference_mode()
+def test_a_step_at_the_last_position_of_a_contiguous_cache_runs_without_a_graph_of_its_own():
+    """Reading every key of a contiguous cache would be a second graph: that step runs eagerly."""
+    model = tiny_model()
+    step = DecodeStep(model)
+    prompt = random_prompts([9])[0]
+    cache = model.new_cache(1, 10)
+    model.hidden_states(torch.tensor([prompt]), cache)
+    pools = list(cache.k.unbind(0)), list(cache.v.unbind(0))
+    logits = step([7], [9], [[0]], *pools, contiguous=True)  # position 9 of 0..9
+    want = model(torch.tensor([prompt + [7]]))[0, -1].float()
+    torch.testing.assert_close(logits[0], want, rtol=1e-4, atol=1e-4)
+    assert step.graphs_compiled == 0
+
+
 def q8_0_table(embedding: torch.nn.Embedding) -> QuantizedEmbedding:
     """The table as a GGUF's Q8_0 holds it: int8 codes, one float16 scale per 32 values."""
     weight = embedding.weight.detach()

@@ -45,16 +45,20 @@ def call(fn, args):
     return fn(args["x"], args["position"], args["keys"], args["pools"])
 
 
-@torch.inference_mode()
-def test_a_direct_call_equals_the_function_and_writes_its_inputs_in_place():
+def compiled_and_bound():
+    """The step, its backend and a `DirectGraph` of the graph compiled for a dynamic `keys`."""
     step, backend, graph = compiled_step()
     first = arguments(step, 5)
     torch._dynamo.maybe_mark_dynamic(first["keys"], 0)
     call(graph, first)
-    assert len(backend.graphs) == 1
-    direct = DirectGraph(backend.graphs[0], {"self": step})
+    return step, backend, DirectGraph(backend.graphs[0], {"self": step})
+
+
+@torch.inference_mode()
+def test_a_direct_call_equals_the_function_and_writes_its_inputs_in_place():
+    step, backend, direct = compiled_and_bound()
     for n_keys, position in ((3, 1), (9, 7), (16, 0)):
-        args, eager = arguments(step, n_keys, position=position), None
+        args = arguments(step, n_keys, position=position)
         want_pools = [p.clone() for p in args["pools"]]
         eager = call(step, {**args, "pools": want_pools})
         (got,) = direct(args)
@@ -65,11 +69,7 @@ def test_a_direct_call_equals_the_function_and_writes_its_inputs_in_place():
 
 @torch.inference_mode()
 def test_inputs_the_graph_was_not_compiled_for_are_refused():
-    step, backend, graph = compiled_step()
-    first = arguments(step, 5)
-    torch._dynamo.maybe_mark_dynamic(first["keys"], 0)
-    call(graph, first)
-    direct = DirectGraph(backend.graphs[0], {"self": step})
+    step, _, direct = compiled_and_bound()
     assert direct(arguments(step, 5, dtype=torch.bfloat16)) is None  # another dtype
     wider = arguments(step, 5)
     wider["pools"][0] = torch.zeros(16, 9)  # a static size differs
