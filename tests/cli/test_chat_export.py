@@ -23,8 +23,10 @@ def lmscale(*args, stdin=None):
 
 
 def test_chat_answers_each_piped_line():
+    # NOTE: --eager: compiling SmolLM2's step took ~2 minutes of the suite with a cold cache; the
+    # compiled chat is tested on a tiny model (tests/engine/test_decode_step.py).
     out = lmscale("chat", "--model", MODEL, "--temperature", "0", "--max-new-tokens", "16",
-                  stdin="What is the capital of France?\nAnd of Italy?\n")  # fmt: skip
+                  "--eager", stdin="What is the capital of France?\nAnd of Italy?\n")  # fmt: skip
     assert out.returncode == 0, out.stderr
     replies = out.stdout.strip().split("\n")
     assert len(replies) == 2, out.stdout

@@ -11,9 +11,11 @@ import pytest
 import torch
 from engine_helpers import assert_same_greedy, random_prompts, tiny_model
 
+from lmscale.checkpoint import load_pretrained
 from lmscale.compress import QuantConfig, quantize_
 from lmscale.engine import (
     AsyncEngine,
+    ChatSession,
     EngineConfig,
     GenerationRequest,
     LLMEngine,
@@ -22,6 +24,7 @@ from lmscale.engine import (
     generate_ids,
 )  # fmt: skip
 from lmscale.engine.decode_step import DecodeStep, batch_bucket
+from lmscale.model import Transformer, preset
 from lmscale.model.quantized import QuantizedEmbedding, QuantizedLinear
 
 LENGTHS = [1, 3, 9, 16, 17, 33, 40, 60]
@@ -105,6 +108,22 @@ def test_a_step_at_the_last_position_of_a_contiguous_cache_runs_without_a_graph_
     want = model(torch.tensor([prompt + [7]]))[0, -1].float()
     torch.testing.assert_close(logits[0], want, rtol=1e-4, atol=1e-4)
     assert step.graphs_compiled == 0
+
+
+def test_a_chat_through_the_compiled_step_equals_the_eager_chat():
+    """Turns reuse the cache's prefix and grow it; the compiled step follows every length."""
+    _, tokenizer = load_pretrained("smollm2-135m-instruct")  # its chat template and vocabulary
+    torch.manual_seed(0)
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=2048, init_std=0.5)
+    model = Transformer(config).eval()
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    step = DecodeStep(model)
+    sessions = [ChatSession(model, tokenizer, params, step=s) for s in (step, None)]
+    for turn in ("Hello there.", "Tell me more, please." * 100, "And then?"):
+        compiled, eager = ("".join(session.reply(turn)) for session in sessions)
+        assert compiled == eager
+    assert sessions[0].cache.max_len > 512  # the long turn grew the cache past its first size
+    assert step.graphs_compiled == 1
 
 
 def q8_0_table(embedding: torch.nn.Embedding) -> QuantizedEmbedding:
