@@ -20,6 +20,7 @@ fine); lmscale's reload builds a new engine, and so a new decode step.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -89,7 +90,6 @@ class DirectGraph:
         self.tensor_checks = [
             (k, e.dtype, e.device) for k, e in enumerate(examples) if isinstance(e, Tensor)
         ]
-        self.names = [f"t{k}" for k in range(len(per_call))]
         self.fits = _shape_guards(examples)
 
     def __call__(self, arguments: dict) -> list | None:
@@ -98,7 +98,7 @@ class DirectGraph:
         for k, dtype, device in self.tensor_checks:
             if values[k].dtype != dtype or values[k].device != device:
                 return None
-        if not self.fits(dict(zip(self.names, values, strict=True))):
+        if not self.fits(values):
             return None
         args = self.template.copy()
         for slot, value in zip(self.slots, values, strict=True):
@@ -117,11 +117,13 @@ def _evaluate(source: str, bound: dict, names: dict | None = None):
 def _shape_guards(examples: Sequence) -> Callable[[dict], bool]:
     """A check of the graph's shape guards (static sizes and strides too) over these inputs.
 
-    It takes {"t0": first input, ...}, as the shape environment names them.
+    It takes the inputs' values in the order of `examples`.
     """
     fake_mode = torch._guards.detect_fake_mode(examples)
     if fake_mode is None or fake_mode.shape_env is None:
         return lambda L: False  # nothing to check against: always through dynamo
     guards = fake_mode.shape_env.produce_guards_expression(list(examples), ignore_static=False)
-    # NOTE: compiled once: the shape environment's own evaluation parses the text every call.
-    return _evaluate(f"lambda L: {guards or True}", {}, dict(SYMPY_INTERP))
+    # NOTE: compiled once (the shape environment's own evaluation parses the text every call),
+    # over the values by position: it names them L['t0'], L['t1'], ... (a dict per call).
+    guards = re.sub(r"L\['t(\d+)'\]", r"L[\1]", guards or "True")
+    return _evaluate(f"lambda L: {guards}", {}, dict(SYMPY_INTERP))
